@@ -1,0 +1,168 @@
+"""The purifier contract every purifier implements.
+
+A purifier is an ``nn.Module``, a torchvision ``transforms.v2.Transform`` and a Hugging Face
+``PyTorchModelHubMixin``: it drops into ``v2.Compose``, serialises its constructor arguments to
+``config.json`` and its weights to ``model.safetensors``, and is differentiable end to end.
+
+Subclasses implement :meth:`Purifier._purify` on a validated ``(B, C, H, W)`` float batch in
+[0, 1] at the purifier's working resolution; this class does the rest (checks, shapes, dtype,
+device, resizing, tv_tensor types, seeding, NFE bookkeeping).
+"""
+
+# No `from __future__ import annotations` here or in subclasses: the Hub mixin reads the
+# constructor's annotations at run time to decode config values.
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .diffusion.backbones import Backbone, build_backbone
+from .diffusion.schedule import NoiseSchedule
+from .inputs import check_images
+from .nfe import count_nfe
+from .random import make_generator
+
+__all__ = ["Purifier", "HUB_CODERS", "purifier_class"]
+
+_PURIFIERS: dict[str, type] = {}
+
+
+def purifier_class(name: str) -> type:
+    """The purifier class registered under ``name`` (every ``Purifier`` subclass is)."""
+    if name not in _PURIFIERS:
+        raise ValueError(f"unknown purifier {name!r}; known: {sorted(_PURIFIERS)}")
+    return _PURIFIERS[name]
+
+
+def _encode_purifier(purifier) -> dict:
+    return {"class": type(purifier).__name__, "config": dict(purifier._hub_mixin_config)}
+
+
+def _decode_purifier(data: dict):
+    cls = purifier_class(data["class"])
+    params = cls._hub_mixin_init_parameters
+    return cls(**{k: cls._decode_arg(params[k].annotation, v) for k, v in data["config"].items() if k in params})
+
+
+HUB_CODERS: dict = {Backbone: (lambda backbone: backbone.config, build_backbone)}
+"""How constructor arguments that are networks or purifiers travel through ``config.json``."""
+
+
+def _is_image_like(inpt) -> bool:
+    return type(inpt) is Tensor or isinstance(inpt, (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image))
+
+
+class Purifier(
+    PyTorchModelHubMixin,
+    v2.Transform,
+    library_name="purifytf",
+    tags=["adversarial-purification", "adversarial-robustness", "image-classification"],
+    repo_url="https://github.com/purifytf/purifytf",
+    coders=HUB_CODERS,
+):
+    """Base class of all purifiers.
+
+    Call it like any v2 transform: ``purifier(x)`` with ``x`` a float tensor in [0, 1] of shape
+    ``(C, H, W)`` or ``(..., C, H, W)`` (plain or ``tv_tensors.Image``/``Video``); inside
+    ``v2.Compose`` on ``(image, label)`` samples the label is passed through. Output: same shape,
+    dtype, device and type, values in [0, 1]. Inputs whose size differs from the model's
+    ``sample_size`` are resized to it (bilinear, antialiased) and the result is resized back.
+
+    Randomness: :meth:`purify` takes a ``torch.Generator``; with ``seed`` set every call draws from
+    a fresh generator seeded with it (a deterministic defence); otherwise the global RNG is used.
+    ``train()``/``eval()`` change nothing: wrapped networks always run in eval mode.
+
+    Attributes:
+        last_nfe: network evaluations per image of the last call.
+    """
+
+    _transformed_types = (_is_image_like,)
+
+    def __init_subclass__(cls, **kwargs):
+        kwargs.setdefault("coders", HUB_CODERS)  # the mixin would reset coders on every subclass
+        super().__init_subclass__(**kwargs)
+        _PURIFIERS[cls.__name__] = cls
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+        self.last_nfe = 0
+
+    # --- what subclasses provide -------------------------------------------------------------
+    @property
+    def in_channels(self) -> int | None:
+        """Channels the model takes (``None``: any)."""
+        return None
+
+    @property
+    def sample_size(self) -> tuple[int, int] | None:
+        """Working resolution (H, W); inputs of another size are resized (``None``: any size)."""
+        return None
+
+    @property
+    def min_size(self) -> int:
+        """Smallest image side the purifier can handle."""
+        return 1
+
+    def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, C, H, W) float in [0, 1] at ``sample_size`` -> purified (B, C, H, W)."""
+        raise NotImplementedError
+
+    # --- the public API ----------------------------------------------------------------------
+    def purify(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Purify a plain tensor ``(C, H, W)`` or ``(..., C, H, W)`` in [0, 1]; see the class doc."""
+        batch = check_images(x, self.in_channels, self.min_size)
+        self.train(self.training)  # networks assigned or switched to train mode since go back to eval
+        device, dtype = self._device_dtype(batch.device)
+        if generator is None and self.seed is not None:
+            generator = make_generator(self.seed, device)
+        work = batch.to(device=device, dtype=dtype).clamp(0, 1)
+        size = tuple(work.shape[-2:])
+        target = self.sample_size
+        if target is not None and size != target:
+            work = F.interpolate(work, size=target, mode="bilinear", antialias=True, align_corners=False)
+        with count_nfe() as counter:
+            out = self._purify(work, generator)
+        self.last_nfe = counter.count
+        if target is not None and size != target:
+            out = F.interpolate(out, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return out.clamp(0, 1).to(device=x.device, dtype=x.dtype).reshape(x.shape)
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, PIL.Image.Image):
+            check_images(inpt, None, 0)  # raises the PIL message
+        if isinstance(inpt, tv_tensors.TVTensor):
+            return tv_tensors.wrap(self.purify(inpt.as_subclass(Tensor)), like=inpt)
+        return self.purify(inpt)
+
+    def train(self, mode: bool = True):
+        """Sets the ``training`` flag only: wrapped networks stay in eval mode (same output either way)."""
+        super().train(False)
+        self.training = mode
+        return self
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, strict: bool = True, **kwargs):
+        """Load from a Hub repo id or a local directory (``config.json`` + ``model.safetensors``).
+
+        Unlike the mixin's default, loading is strict: missing or unexpected weights are an error.
+        """
+        return super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
+
+    def _device_dtype(self, default_device: torch.device) -> tuple[torch.device, torch.dtype]:
+        """Device of the model's tensors, and float64 if the model was made double, else float32.
+
+        Low-precision weights still run float32 purification maths (use autocast for bf16/fp16).
+        """
+        schedules = {id(b) for m in self.modules() if isinstance(m, NoiseSchedule) for b in m.buffers()}
+        tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return default_device, torch.float32
+        weights = [t for t in tensors if id(t) not in schedules] or tensors
+        return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+
+
+HUB_CODERS[Purifier] = (_encode_purifier, _decode_purifier)

@@ -1,0 +1,18 @@
+"""Diffusion core: schedules, samplers and backbones, kept separate as in diffusers."""
+
+from .backbones import Backbone, DiffusersUNet, OracleBackbone, build_backbone, register_backbone
+from .samplers import ddim_sample, ddim_step, timestep_grid
+from .schedule import NoiseSchedule, network_timestep
+
+__all__ = [
+    "Backbone",
+    "DiffusersUNet",
+    "NoiseSchedule",
+    "OracleBackbone",
+    "build_backbone",
+    "ddim_sample",
+    "ddim_step",
+    "network_timestep",
+    "register_backbone",
+    "timestep_grid",
+]
