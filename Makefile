@@ -8,6 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps "torchattacks>=3.5"  # its requests~=2.25 pin is for downloads only
 	touch $@
 
 install: $(VENV)/.installed

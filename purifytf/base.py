@@ -11,6 +11,9 @@ device, resizing, tv_tensor types, seeding, NFE bookkeeping).
 
 # No `from __future__ import annotations` here or in subclasses: the Hub mixin reads the
 # constructor's annotations at run time to decode config values.
+import inspect
+from contextvars import ContextVar
+
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -41,14 +44,27 @@ def _encode_purifier(purifier) -> dict:
     return {"class": type(purifier).__name__, "config": dict(purifier._hub_mixin_config)}
 
 
+_LOAD_KWARGS: ContextVar[dict | None] = ContextVar("purifytf_nested_load_kwargs", default=None)
+
+
 def _decode_purifier(data: dict):
+    """Rebuild a nested purifier; constructor arguments that cannot live in config.json (a classifier)
+    come from the outer ``from_pretrained(..., classifier=...)`` call."""
     cls = purifier_class(data["class"])
     params = cls._hub_mixin_init_parameters
-    return cls(**{k: cls._decode_arg(params[k].annotation, v) for k, v in data["config"].items() if k in params})
+    kwargs = {k: cls._decode_arg(params[k].annotation, v) for k, v in data["config"].items() if k in params}
+    kwargs.update({k: v for k, v in (_LOAD_KWARGS.get() or {}).items() if k in params})
+    return cls(**kwargs)
 
+
+_HUB_DOWNLOAD_ARGS = frozenset(inspect.signature(PyTorchModelHubMixin.from_pretrained).parameters)
 
 HUB_CODERS: dict = {Backbone: (lambda backbone: backbone.config, build_backbone)}
 """How constructor arguments that are networks or purifiers travel through ``config.json``."""
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def _is_image_like(inpt) -> bool:
@@ -114,22 +130,26 @@ class Purifier(
     # --- the public API ----------------------------------------------------------------------
     def purify(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Purify a plain tensor ``(C, H, W)`` or ``(..., C, H, W)`` in [0, 1]; see the class doc."""
+        work, generator = self.prepare(x, generator)
+        with count_nfe() as counter:
+            out = self._purify(work, generator)
+        self.last_nfe = counter.count
+        if out.shape[-2:] != x.shape[-2:]:
+            out = _resize(out, tuple(x.shape[-2:]))
+        return out.clamp(0, 1).to(device=x.device, dtype=x.dtype).reshape(x.shape)
+
+    def prepare(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, torch.Generator | None]:
+        """Checked ``(B, C, H, W)`` batch on the model's device and float dtype at ``sample_size``,
+        and the generator to draw from (a fresh seeded one when ``seed`` is set)."""
         batch = check_images(x, self.in_channels, self.min_size)
         self.train(self.training)  # networks assigned or switched to train mode since go back to eval
         device, dtype = self._device_dtype(batch.device)
         if generator is None and self.seed is not None:
             generator = make_generator(self.seed, device)
         work = batch.to(device=device, dtype=dtype).clamp(0, 1)
-        size = tuple(work.shape[-2:])
-        target = self.sample_size
-        if target is not None and size != target:
-            work = F.interpolate(work, size=target, mode="bilinear", antialias=True, align_corners=False)
-        with count_nfe() as counter:
-            out = self._purify(work, generator)
-        self.last_nfe = counter.count
-        if target is not None and size != target:
-            out = F.interpolate(out, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return out.clamp(0, 1).to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        if self.sample_size is not None and tuple(work.shape[-2:]) != self.sample_size:
+            work = _resize(work, self.sample_size)
+        return work, generator
 
     def transform(self, inpt, params):
         if isinstance(inpt, PIL.Image.Image):
@@ -149,8 +169,16 @@ class Purifier(
         """Load from a Hub repo id or a local directory (``config.json`` + ``model.safetensors``).
 
         Unlike the mixin's default, loading is strict: missing or unexpected weights are an error.
+        Keyword arguments this class does not take (e.g. ``classifier=`` for a nested
+        ``SaliencyDiffPurify``) are handed to the nested purifiers that do.
         """
-        return super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
+        own = cls._hub_mixin_init_parameters
+        nested = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and k not in _HUB_DOWNLOAD_ARGS}
+        token = _LOAD_KWARGS.set(nested)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
+        finally:
+            _LOAD_KWARGS.reset(token)
 
     def _device_dtype(self, default_device: torch.device) -> tuple[torch.device, torch.dtype]:
         """Device of the model's tensors, and float64 if the model was made double, else float32.

@@ -46,7 +46,13 @@ def ddim_step(
     if noise is None:
         raise ValueError("a stochastic step (eta > 0) needs noise")
     var = eta**2 * (1 - abar_tau) / (1 - abar_t) * (1 - abar_t / abar_tau)
-    return abar_tau.sqrt() * x0 + (1 - abar_tau - var).clamp_min(0).sqrt() * eps + var.sqrt() * noise
+    return abar_tau.sqrt() * x0 + _sqrt0(1 - abar_tau - var) * eps + _sqrt0(var) * noise
+
+
+def _sqrt0(v: Tensor) -> Tensor:
+    """``sqrt(max(v, 0))`` with a zero (not infinite) derivative at 0, e.g. at the final step ``tau = 0``."""
+    positive = v > 0
+    return torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
 
 
 def timestep_grid(t_start: Tensor, steps: int, t_end: Tensor | int = 0) -> Tensor:
