@@ -28,7 +28,7 @@ from .inputs import check_images
 from .nfe import count_nfe
 from .random import make_generator
 
-__all__ = ["Purifier", "HUB_CODERS", "purifier_class"]
+__all__ = ["Purifier", "HUB_CODERS", "clamp01", "purifier_class"]
 
 _PURIFIERS: dict[str, type] = {}
 
@@ -61,6 +61,11 @@ _HUB_DOWNLOAD_ARGS = frozenset(inspect.signature(PyTorchModelHubMixin.from_pretr
 
 HUB_CODERS: dict = {Backbone: (lambda backbone: backbone.config, build_backbone)}
 """How constructor arguments that are networks or purifiers travel through ``config.json``."""
+
+
+def clamp01(x: Tensor) -> Tensor:
+    """Clamp to [0, 1], keeping gradient 1 on values at the bounds (``Tensor.clamp`` gives 0 there)."""
+    return torch.where((x < 0) | (x > 1), x.clamp(0, 1), x)
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -136,7 +141,7 @@ class Purifier(
         self.last_nfe = counter.count
         if out.shape[-2:] != x.shape[-2:]:
             out = _resize(out, tuple(x.shape[-2:]))
-        return out.clamp(0, 1).to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        return clamp01(out).to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     def prepare(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, torch.Generator | None]:
         """Checked ``(B, C, H, W)`` batch on the model's device and float dtype at ``sample_size``,
@@ -146,7 +151,7 @@ class Purifier(
         device, dtype = self._device_dtype(batch.device)
         if generator is None and self.seed is not None:
             generator = make_generator(self.seed, device)
-        work = batch.to(device=device, dtype=dtype).clamp(0, 1)
+        work = clamp01(batch.to(device=device, dtype=dtype))
         if self.sample_size is not None and tuple(work.shape[-2:]) != self.sample_size:
             work = _resize(work, self.sample_size)
         return work, generator
