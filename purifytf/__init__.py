@@ -1,15 +1,18 @@
 """purifytf: adversarial purification of classifier inputs, as torchvision transforms."""
 
 from .base import Purifier
-from .diffusion import Backbone, DiffusersUNet, NoiseSchedule, OracleBackbone
+from .diffusion import Backbone, DiffusersUNet, GuidedDiffusionUNet, NoiseSchedule, OracleBackbone
 from .nfe import count_nfe
 from .purifiers import (
     BitDepthPurify,
     BlurPurify,
     DiffPurify,
     DiffusionPurifier,
+    IMPurify,
     JPEGPurify,
     RandomResizePadPurify,
+    SaliencyDiffPurify,
+    SSNIPurify,
 )
 
 __version__ = "0.1.0"
@@ -21,10 +24,14 @@ __all__ = [
     "DiffPurify",
     "DiffusersUNet",
     "DiffusionPurifier",
+    "GuidedDiffusionUNet",
+    "IMPurify",
     "JPEGPurify",
     "NoiseSchedule",
     "OracleBackbone",
     "Purifier",
     "RandomResizePadPurify",
+    "SSNIPurify",
+    "SaliencyDiffPurify",
     "count_nfe",
 ]

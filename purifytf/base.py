@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import SafetensorError
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -80,6 +81,7 @@ class Purifier(
     PyTorchModelHubMixin,
     v2.Transform,
     library_name="purifytf",
+    license="apache-2.0",
     tags=["adversarial-purification", "adversarial-robustness", "image-classification"],
     repo_url="https://github.com/purifytf/purifytf",
     coders=HUB_CODERS,
@@ -184,6 +186,13 @@ class Purifier(
             return super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
         finally:
             _LOAD_KWARGS.reset(token)
+
+    @classmethod
+    def _load_as_safetensor(cls, model, model_file, map_location, strict):
+        try:
+            return super()._load_as_safetensor(model, model_file, map_location, strict)
+        except SafetensorError as err:
+            raise ValueError(f"{model_file}: not a valid safetensors file (corrupt or truncated?): {err}") from err
 
     def _device_dtype(self, default_device: torch.device) -> tuple[torch.device, torch.dtype]:
         """Device of the model's tensors, and float64 if the model was made double, else float32.

@@ -8,6 +8,15 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use small tensors: extra intra-op threads only spin on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def references() -> torch.Tensor:
     """(4, 1, 8, 8) reference images in [0, 1], well separated."""

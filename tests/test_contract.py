@@ -137,6 +137,14 @@ def test_strict_loading_refuses_mismatched_weights(purifier, tmp_path):
         DiffPurify.from_pretrained(tmp_path)
 
 
+def test_corrupt_weights_file_names_the_file(purifier, tmp_path):
+    purifier.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match="model.safetensors.*corrupt or truncated"):
+        DiffPurify.from_pretrained(tmp_path)
+
+
 def test_diffusers_backbone_round_trip(tmp_path):
     from purifytf.diffusion import DiffusersUNet
 

@@ -1,12 +1,15 @@
 """Diffusion core: schedules, samplers and backbones, kept separate as in diffusers."""
 
 from .backbones import Backbone, DiffusersUNet, OracleBackbone, build_backbone, register_backbone
+from .guided_unet import GuidedDiffusionUNet, GuidedUNetModel
 from .samplers import ddim_sample, ddim_step, timestep_grid
 from .schedule import NoiseSchedule, network_timestep
 
 __all__ = [
     "Backbone",
     "DiffusersUNet",
+    "GuidedDiffusionUNet",
+    "GuidedUNetModel",
     "NoiseSchedule",
     "OracleBackbone",
     "build_backbone",

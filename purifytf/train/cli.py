@@ -1,0 +1,138 @@
+"""``purifytf train impure ...``: the two IMPure training stages from the command line.
+
+Stage 1 (masked reconstruction on clean images)::
+
+    purifytf train impure --data train-images-idx3-ubyte --out runs/stage1 --stage pretrain \\
+        --preset tiny --steps 20000 --batch-size 64
+
+Stage 2 (fine-tuning on PGD examples against a classifier, perceptual loss on its logits)::
+
+    purifytf train impure --data train-images-idx3-ubyte --out runs/stage2 --stage finetune \\
+        --init runs/stage1 --classifier timm:resnet18 --classifier-weights clf.safetensors --num-classes 10
+
+``--resume`` continues from the checkpoint in ``--out``. The output directory loads with
+``IMPurify.from_pretrained(out)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from ..models.mae import MAE_PRESETS
+from ..purifiers.impure import IMPurify
+from .data import open_data
+from .impure import STATE_FILE, FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
+
+__all__ = ["add_arguments", "run"]
+
+_DEFAULTS = TrainConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    recipes = parser.add_subparsers(dest="recipe", required=True)
+    p = recipes.add_parser("impure", help="train IMPurify's reconstruction network (IMPure)",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True,
+                      help="image folder, .npy/.npz/IDX file, or torchvision:NAME:ROOT (e.g. torchvision:CIFAR10:data)")
+    data.add_argument("--labels", help="label array for --data (.npy/.npz/IDX; IDX *-labels-* siblings are found)")
+    data.add_argument("--image-size", type=int, help="resize (short side) and centre-crop to this size")
+    data.add_argument("--workers", type=int, default=0, help="data-loading processes")
+
+    model = p.add_argument_group("model and checkpoints")
+    model.add_argument("--out", required=True, type=Path, help="checkpoint directory")
+    model.add_argument("--preset", default="tiny", choices=sorted(MAE_PRESETS))
+    model.add_argument("--channels", type=int, help="image channels (default: those of the data)")
+    model.add_argument("--init", type=Path, help="start from this IMPurify checkpoint (e.g. the stage-1 output)")
+    model.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--stage", default=_DEFAULTS.stage, choices=["pretrain", "finetune"])
+    for name in ("steps", "batch_size", "warmup_steps", "seed", "checkpoint_every"):
+        opt.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(_DEFAULTS, name))
+    opt.add_argument("--lr", type=float, help="learning rate (default: base-lr * batch-size / 256)")
+    for name in ("base_lr", "weight_decay"):
+        opt.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(_DEFAULTS, name))
+
+    adv = p.add_argument_group("fine-tuning (stage 2)")
+    adv.add_argument("--classifier", help="timm:NAME or MODULE:FACTORY (a callable returning the module)")
+    adv.add_argument("--classifier-weights", type=Path, help="state dict (.safetensors or torch.save) for timm:NAME")
+    adv.add_argument("--num-classes", type=int, default=1000, help="classes of a timm:NAME classifier")
+    adv.add_argument("--classifier-mean", type=float, nargs="+", help="normalisation the classifier expects")
+    adv.add_argument("--classifier-std", type=float, nargs="+")
+    adv.add_argument("--adv-fraction", type=float, default=_DEFAULTS.adv_fraction,
+                     help="share of adversarial inputs per batch")
+    adv.add_argument("--attack-eps", type=float, default=_DEFAULTS.attack_eps, help="PGD L-inf budget")
+    adv.add_argument("--attack-steps", type=int, default=_DEFAULTS.attack_steps)
+    adv.add_argument("--perceptual", default="classifier", choices=["classifier", "vgg19_bn", "none"],
+                     help="perceptual network: the classifier's features, VGG19-BN (RGB, needs its weights), none")
+    adv.add_argument("--perceptual-layers", default="=1",
+                     help="classifier layers as NAME=WEIGHT,... ('' names the output logits; default '=1')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_classifier(args: argparse.Namespace, channels: int) -> nn.Module:
+    """The target classifier of ``--classifier``, taking [0, 1] images."""
+    source, _, name = args.classifier.partition(":")
+    if source == "timm":
+        if args.classifier_weights is None:
+            raise SystemExit("--classifier timm:NAME needs --classifier-weights")
+        model = timm.create_model(name, pretrained=False, num_classes=args.num_classes, in_chans=channels)
+        model.load_state_dict(_state_dict(args.classifier_weights))
+    else:
+        model = getattr(importlib.import_module(source), name)()
+    if args.classifier_mean is not None:
+        model = nn.Sequential(v2.Normalize(args.classifier_mean, args.classifier_std), model)
+    return model.eval()
+
+
+def parse_layers(text: str) -> dict[str, float]:
+    """``"name=w,name=w"`` -> ``{name: w}``."""
+    pairs = (item.rpartition("=") for item in text.split(","))
+    return {name.strip(): float(weight) for name, _, weight in pairs}
+
+
+def _purifier(args: argparse.Namespace, channels: int) -> IMPurify:
+    if args.resume and (args.out / STATE_FILE).exists():
+        return IMPurify.from_pretrained(args.out)
+    if args.init is not None:
+        return IMPurify.from_pretrained(args.init)
+    return IMPurify(preset=args.preset, in_channels=channels)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = open_data(args.data, args.image_size, args.labels)
+    channels = args.channels or data[0][0].shape[0]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, num_workers=args.workers)
+    purifier = _purifier(args, channels).to(args.device)
+    classifier = perceptual = None
+    if args.classifier:
+        classifier = load_classifier(args, purifier.in_channels).to(args.device)
+    if config.stage == "finetune" and args.perceptual == "vgg19_bn":
+        perceptual = vgg19_bn_feature_loss().to(args.device)
+    elif config.stage == "finetune" and args.perceptual == "classifier" and classifier is not None:
+        perceptual = FeatureLoss(classifier, parse_layers(args.perceptual_layers))
+    trainer = IMPureTrainer(purifier, data, config, classifier=classifier, perceptual=perceptual)
+    if args.resume and (args.out / STATE_FILE).exists():
+        trainer.load(args.out)
+        print(f"resumed from {args.out} at step {trainer.step}")
+    trainer.fit(args.out, progress=not args.no_progress)
+    print(f"saved {args.out} (IMPurify.from_pretrained({str(args.out)!r}))")
+    return 0

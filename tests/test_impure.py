@@ -1,0 +1,156 @@
+"""IMPurify and its masked reconstruction network."""
+
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from purifytf import count_nfe
+from purifytf.models.mae import GROUPS, MAE_PRESETS, build_reconstructor, interleaved_order, random_order
+from purifytf.purifiers.impure import IMPurify
+
+SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32, "decoder_depth": 1,
+         "decoder_heads": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def small(in_channels=1, **kwargs) -> IMPurify:
+    torch.manual_seed(0)
+    return IMPurify(in_channels=in_channels, overrides=SMALL, **kwargs)
+
+
+def group_masks(h, w, p) -> torch.Tensor:
+    """(G, h*p, w*p) bool: the pixels of each interleaved group."""
+    order = interleaved_order(h, w, 1)[0]
+    labels = torch.empty(h * w, dtype=torch.long)
+    labels[order] = torch.arange(h * w) // (h * w // GROUPS)
+    pixels = labels.view(h, w).repeat_interleave(p, 0).repeat_interleave(p, 1)
+    return torch.stack([pixels == g for g in range(GROUPS)])
+
+
+def test_partitions_are_four_equal_groups():
+    order = interleaved_order(4, 6, 2)
+    assert torch.equal(order.sort(1).values, torch.arange(24).expand(2, -1))
+    for g, first in enumerate([0, 1, 6, 7]):  # (row % 2, col % 2) = (0, 0), (0, 1), (1, 0), (1, 1)
+        assert order[0, g * 6] == first
+    rand = random_order(4, 6, 3, gen())
+    assert torch.equal(rand.sort(1).values, torch.arange(24).expand(3, -1))
+    assert not torch.equal(rand[0], rand[1])
+
+
+def test_each_patch_is_predicted_once_from_a_pass_hiding_its_group():
+    """Perturbing group g's input patches changes only the predictions of the other groups."""
+    net = small().network
+    x = torch.rand(2, 1, 16, 16, generator=gen(1))
+    h, w = net.grid(16, 16)
+    order = interleaved_order(h, w, 2)
+    fill = torch.randn(2, GROUPS, h * w // GROUPS, net.config.decoder_dim, generator=gen(2))
+
+    def predict(images):
+        latents, heads = net.encode(net.embed(2 * images - 1), order)
+        return net.unpatchify(net.decode(latents, heads, fill, order, h, w), h, w)
+
+    base = predict(x)
+    masks = group_masks(h, w, net.config.patch_size)
+    for g in range(GROUPS):
+        moved = predict(torch.where(masks[g], torch.rand(x.shape, generator=gen(3 + g)), x))
+        change = (moved - base).abs()
+        assert change[:, :, masks[g]].max() < 1e-5, f"group {g} saw its own input"
+        for other in set(range(GROUPS)) - {g}:
+            assert change[:, :, masks[other]].amax(-1).min() > 1e-3, f"group {other} ignored group {g}"
+
+
+def test_hidden_group_sees_its_input_only_through_the_noise():
+    """Full pipeline: at full noise a patch's interior output (away from the 3x3 head's reach) is its own group's
+    business only through the noised copy, a ~1e-5 signal."""
+    purifier = small(image_t=1000, feature_t=1000, seed=0)
+    x = torch.rand(1, 1, 16, 16, generator=gen(1))
+    interior = torch.zeros(16, 16, dtype=torch.bool)
+    interior.view(4, 4, 4, 4)[:, 1:3, :, 1:3] = True
+    base = purifier.network(x, gen(), 1000, 1000)
+    masks = group_masks(4, 4, 4)
+    for g in range(GROUPS):
+        moved = purifier.network(torch.where(masks[g], 1 - x, x), gen(), 1000, 1000)
+        change = (moved - base).abs()[0, 0]
+        assert change[masks[g] & interior].max() < 1e-3
+        assert change[~masks[g]].max() > 1e-2
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (2, 1, 5, 7), (3, 1, 1, 1), (2, 2, 1, 33, 17)])
+def test_any_size_grey(shape):
+    purifier = small(seed=0)
+    x = torch.rand(shape, generator=gen())
+    with count_nfe() as counter:
+        out = purifier(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert 0 <= out.min() and out.max() <= 1
+    assert purifier.last_nfe == counter.count == 1
+
+
+def test_rgb_image_tensor_and_float64():
+    purifier = small(in_channels=3, seed=0)
+    x = tv_tensors.Image(torch.rand(3, 30, 18, generator=gen(), dtype=torch.float64))
+    image, label = v2.Compose([purifier])(x, 7)
+    assert isinstance(image, tv_tensors.Image) and image.shape == x.shape and image.dtype == torch.float64
+    assert label == 7
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    purifier = small(in_channels=3, image_t=300, seed=4)
+    purifier.save_pretrained(tmp_path)
+    loaded = IMPurify.from_pretrained(tmp_path)
+    assert loaded.network.config == purifier.network.config and loaded.image_t == 300 and loaded.seed == 4
+    x = torch.rand(2, 3, 12, 12, generator=gen())
+    assert torch.equal(loaded(x), purifier(x))
+    assert loaded.state_dict().keys() == purifier.state_dict().keys()
+
+
+def test_seeded_determinism():
+    purifier = small()
+    x = torch.rand(2, 1, 12, 12, generator=gen())
+    a, b = purifier.purify(x, gen(1)), purifier.purify(x, gen(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, purifier.purify(x, gen(2)))
+    seeded = small(seed=3)
+    assert torch.equal(seeded(x), seeded(x))
+
+
+def test_gradient_reaches_the_input():
+    x = torch.rand(2, 1, 10, 10, generator=gen()).requires_grad_(True)
+    small().purify(x, gen()).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_bad_inputs_and_arguments():
+    purifier = small()
+    with pytest.raises(ValueError, match="1-channel"):
+        purifier(torch.rand(3, 8, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        purifier(torch.zeros(1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected \\[0, 1\\]"):
+        purifier(torch.full((1, 8, 8), 2.0))
+    with pytest.raises(ValueError, match="unknown preset"):
+        IMPurify(preset="huge")
+    with pytest.raises(ValueError, match="feature_t"):
+        IMPurify(feature_t=1001)
+    with pytest.raises(ValueError, match="fuse_indices"):
+        build_reconstructor("tiny", fuse_indices=[3])
+
+
+def test_presets_have_the_documented_sizes():
+    tiny = build_reconstructor("tiny", 1).config
+    assert (tiny.patch_size, tiny.embed_dim, tiny.depth) == (4, 128, 4)
+    base = MAE_PRESETS["base"]
+    assert (base.patch_size, base.embed_dim, base.depth, base.decoder_dim, base.decoder_depth) == (16, 768, 12, 512, 8)
+    assert base.fuse_indices == (0, 2, 4, 6, 8)

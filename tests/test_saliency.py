@@ -1,0 +1,121 @@
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import v2
+
+from purifytf.saliency import (
+    StageFeatures,
+    activation_saliency,
+    find_stages,
+    hooked_features,
+    stage_saliency,
+    threshold_mask,
+    topk_mask,
+)
+
+
+def tiny_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_stage_saliency_is_energy_minmax_upsampled():
+    a = torch.zeros(1, 2, 2, 2)
+    a[0, 0, 0, 0], a[0, 1, 0, 0], a[0, 1, 1, 1] = 3.0, -4.0, 1.0  # energies 25, 0, 0, 1
+    s = stage_saliency(a, (2, 2))
+    torch.testing.assert_close(s, torch.tensor([[[[1.0, 0.0], [0.0, 1 / 25]]]]))
+    up = stage_saliency(a, (8, 8))
+    assert up.shape == (1, 1, 8, 8) and up.min() == 0 and up.max() == 1
+    assert torch.equal(stage_saliency(torch.ones(2, 3, 1, 1), (4, 4)), torch.zeros(2, 1, 4, 4))
+
+
+def test_activation_saliency_fuses_by_max():
+    feats = [torch.rand(2, 3, 8, 8), torch.rand(2, 5, 4, 4)]
+    fused = activation_saliency(feats, (8, 8))
+    torch.testing.assert_close(fused, torch.maximum(stage_saliency(feats[0], (8, 8)), stage_saliency(feats[1], (8, 8))))
+
+
+def test_masks_and_straight_through():
+    s = torch.rand(2, 1, 10, 10, requires_grad=True)
+    m = threshold_mask(s, 0.9)
+    assert torch.equal(m.detach(), (s >= 0.9).float())
+    m.sum().backward()
+    assert torch.equal(s.grad, torch.ones_like(s))
+    top = topk_mask(s.detach(), 0.15)
+    assert top.sum(dim=(1, 2, 3)).tolist() == [15.0, 15.0]
+    for b in range(2):
+        assert s[b][top[b].bool()].min() >= s[b][~top[b].bool()].max()
+    assert not threshold_mask(s.detach()).requires_grad
+
+
+def test_timm_model_uses_feature_api():
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    feats = StageFeatures(net)(torch.rand(2, 3, 32, 32))
+    assert [f.shape[1:] for f in feats] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+    assert hook_count(net) == 0
+
+
+def test_torchvision_model_via_feature_extraction():
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    extractor = StageFeatures(net)
+    feats = extractor(x)
+    names = find_stages(net, x)
+    assert names == ["relu", "layer1", "layer2", "layer3"]  # layer4 is 1x1 at this size
+    assert hook_count(net) == 0
+    torch.testing.assert_close(feats, hooked_features(net, x, names))
+
+
+def test_wrapped_with_normalisation():
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    wrapped = nn.Sequential(v2.Normalize([0.5] * 3, [0.25] * 3), net)
+    x = torch.rand(2, 3, 32, 32)
+    feats = StageFeatures(wrapped)(x)
+    torch.testing.assert_close(feats[-1], net.layer3(net.layer2(net.layer1(net.maxpool(
+        net.relu(net.bn1(net.conv1((x - 0.5) / 0.25))))))))
+    timm_net = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    assert len(StageFeatures(nn.Sequential(v2.Normalize([0.5] * 3, [0.25] * 3), timm_net))(x)) == 4
+
+
+def test_custom_module_names_and_callable():
+    net = tiny_cnn()
+    x = torch.rand(3, 3, 8, 8)
+    assert find_stages(net, x) == ["1", "3"]
+    auto = StageFeatures(net)(x)
+    named = StageFeatures(net, stages=["1", "3"])(x)
+    called = StageFeatures(net, stages=lambda x: [net[:2](x), net[:4](x)])(x)
+    torch.testing.assert_close(auto, named)
+    torch.testing.assert_close(auto, called)
+    assert hook_count(net) == 0
+
+
+def test_clear_errors():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    with pytest.raises(ValueError, match="could not find the feature maps of Sequential.*stages="):
+        StageFeatures(mlp)(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="no submodule named"):
+        StageFeatures(tiny_cnn(), stages=["layer9"])(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="returned no"):
+        StageFeatures(tiny_cnn(), stages=["6"])(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="must be a non-empty list"):
+        StageFeatures(mlp, stages=lambda x: [x.flatten(1)])(torch.rand(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="stages must be"):
+        StageFeatures(mlp, stages=[])
+
+
+def test_hooks_removed_when_forward_fails():
+    net = tiny_cnn()
+    with pytest.raises(RuntimeError):
+        hooked_features(net, torch.rand(1, 5, 8, 8), ["1"])
+    with pytest.raises(RuntimeError):
+        find_stages(net, torch.rand(1, 5, 8, 8))
+    assert hook_count(net) == 0

@@ -1,0 +1,164 @@
+"""The IMPure training recipe, its data sources and its command line."""
+
+import argparse
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch import nn
+
+from purifytf.purifiers.impure import IMPurify
+from purifytf.train import ArrayData, FeatureLoss, IMPureTrainer, TrainConfig, cli, open_data, patch_mix, pgd_attack
+from purifytf.train.data import ImageFolderData, to_images
+from purifytf.train.impure import _lr_factor
+
+SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32, "decoder_depth": 1,
+         "decoder_heads": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def small(seed=0) -> IMPurify:
+    torch.manual_seed(seed)
+    return IMPurify(in_channels=1, overrides=SMALL)
+
+
+def waves(n=4, size=12) -> torch.Tensor:
+    """(n, 1, size, size) smooth images in [0.1, 0.9]."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    return torch.stack([0.5 + 0.4 * torch.sin(2 * math.pi * ((k % 2 + 1) * xx + (k // 2) * yy + k / n))
+                        for k in range(n)]).unsqueeze(1)
+
+
+def classifier() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_overfits_a_tiny_batch():
+    config = TrainConfig(steps=60, batch_size=4, lr=3e-3, warmup_steps=5)
+    history = IMPureTrainer(small(), ArrayData(waves()), config).fit(progress=False)
+    first, last = history[0]["pixel"], np.mean([h["pixel"] for h in history[-10:]])
+    assert last < 0.5 * first
+
+
+def finetune_trainer(purifier, data) -> IMPureTrainer:
+    config = TrainConfig(stage="finetune", steps=4, batch_size=2, lr=1e-3, warmup_steps=2, attack_steps=2,
+                         checkpoint_every=2)
+    clf = classifier()
+    return IMPureTrainer(purifier, data, config, classifier=clf, perceptual=FeatureLoss(clf, {"": 1.0, "2": 0.5}))
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    data = ArrayData(waves(6), torch.tensor([0, 1, 2, -1, 0, 1]))
+    straight = finetune_trainer(small(), data)
+    history = straight.fit(progress=False)
+    assert set(history[0]) == {"pixel", "perceptual"}
+
+    finetune_trainer(small(), data).fit(tmp_path, stop=2, progress=False)
+    resumed = finetune_trainer(small(seed=5), data)
+    resumed.load(tmp_path)
+    assert resumed.step == 2
+    assert resumed.fit(progress=False) == history[2:]
+    expected = straight.purifier.state_dict()
+    for name, weight in resumed.purifier.state_dict().items():
+        assert torch.equal(weight, expected[name]), name
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["stage"] == "finetune"
+    IMPurify.from_pretrained(tmp_path)  # strict
+
+
+def test_finetune_needs_a_classifier_or_labels():
+    with pytest.raises(ValueError, match="classifier or an attack"):
+        IMPureTrainer(small(), ArrayData(waves()), TrainConfig(stage="finetune", batch_size=2))
+    trainer = IMPureTrainer(small(), ArrayData(waves()), TrainConfig(stage="finetune", batch_size=2),
+                            attack=lambda x, y, g: x)
+    with pytest.raises(ValueError, match="no labels"):
+        trainer.fit(progress=False, stop=1)
+
+
+def test_pgd_stays_in_budget_and_raises_the_loss():
+    clf, x, y = classifier(), waves(), torch.tensor([0, 1, 2, 0])
+    adv = pgd_attack(clf, x, y, gen(), eps=0.05, steps=5)
+    assert (adv - x).abs().max() <= 0.05 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+    loss = nn.functional.cross_entropy
+    assert loss(clf(adv), y) > loss(clf(x), y)
+
+
+def test_patch_mix_takes_a_fraction_of_whole_patches_from_the_input():
+    x_in, pred = torch.zeros(64, 1, 16, 16), torch.ones(64, 1, 16, 16)
+    mix = patch_mix(x_in, pred, 4, gen())
+    assert ((mix == 0) | (mix == 1)).all()
+    patches = mix.view(64, 4, 4, 4, 4)
+    assert torch.equal(patches.amin((2, 4)), patches.amax((2, 4)))  # whole patches
+    from_input = 1 - mix.mean((1, 2, 3))
+    assert set(from_input.tolist()) == {8 / 16, 6 / 16, 4 / 16}  # ceil(16 / k), k = 2, 3, 4
+    assert patch_mix(x_in[:2, :, :10, :7], pred[:2, :, :10, :7], 4, gen()).shape == (2, 1, 10, 7)
+
+
+def test_lr_warms_up_then_decays():
+    factors = [_lr_factor(step, 10, 110) for step in range(110)]
+    assert factors[0] == 0.1 and factors[9] == 1.0 and factors[10] == 1.0
+    assert factors[60] == pytest.approx(0.5) and factors[-1] < 0.01
+    assert TrainConfig(batch_size=512).learning_rate == pytest.approx(2e-4)
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_data_sources(tmp_path):
+    images = (np.arange(3 * 5 * 6) % 256).astype(np.uint8).reshape(3, 5, 6)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([2, 0, 1]))
+    data = open_data(str(tmp_path / "t10k-images-idx3-ubyte"))
+    image, label = data[2]
+    assert image.shape == (1, 5, 6) and label == 1 and torch.equal(image[0], torch.tensor(images[2]) / 255)
+
+    np.save(tmp_path / "x.npy", np.random.rand(4, 8, 8, 3).astype(np.float32))
+    image, label = open_data(str(tmp_path / "x.npy"), image_size=6)[0]
+    assert image.shape == (3, 6, 6) and label == -1
+    assert to_images(np.zeros((2, 3, 4, 4), np.uint8)).shape == (2, 3, 4, 4)
+
+    for name, mode in [("cat/a.png", "RGBA"), ("dog/b.png", "RGB"), ("c.png", "RGB")]:
+        (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new(mode, (7, 9), "white").save(tmp_path / "folder" / name)
+    folder = open_data(str(tmp_path / "folder"), image_size=4)
+    assert isinstance(folder, ImageFolderData)
+    assert {f.name: folder[i][1] for i, f in enumerate(folder.files)} == {"a.png": 0, "b.png": 1, "c.png": -1}
+    assert all(image.shape == (3, 4, 4) and image.min() > 0.99 for image, _ in folder)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.array([2, 0, 1]))
+    image, label = open_data(f"torchvision:FashionMNIST:{tmp_path}")[0]
+    assert image.shape == (1, 5, 6) and label == 2 and image.dtype == torch.float32
+    with pytest.raises(FileNotFoundError):
+        open_data(str(tmp_path / "missing"))
+
+
+def test_command_line_trains_and_resumes(tmp_path):
+    np.save(tmp_path / "x.npy", (waves(4).numpy() * 255).astype(np.uint8))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    common = ["impure", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "run"), "--batch-size", "2",
+              "--no-progress", "--warmup-steps", "1"]
+    assert cli.run(parser.parse_args([*common, "--steps", "1"])) == 0
+    assert cli.run(parser.parse_args([*common, "--steps", "2", "--resume"])) == 0
+    assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["step"] == 2
+    purifier = IMPurify.from_pretrained(tmp_path / "run")
+    assert purifier.in_channels == 1 and purifier.network.config.embed_dim == 128
