@@ -1,6 +1,7 @@
 """purifytf: adversarial purification of classifier inputs, as torchvision transforms."""
 
 from .base import Purifier
+from .defended import DefendedModel
 from .diffusion import Backbone, DiffusersUNet, GuidedDiffusionUNet, NoiseSchedule, OracleBackbone
 from .nfe import count_nfe
 from .purifiers import (
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
+    "DefendedModel",
     "BitDepthPurify",
     "BlurPurify",
     "DiffPurify",

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "demo": ("purifytf.demo", "run every purifier on the embedded default models"),
+    "eval": ("purifytf.evaluation.cli", "robust accuracy under adaptive attacks"),
     "train": ("purifytf.train.cli", "train a purifier's network"),
 }
 

@@ -1,0 +1,124 @@
+"""A purifier in front of a classifier: the defended model that attacks and evaluations see.
+
+``DefendedModel(purifier, classifier)`` takes images in [0, 1], purifies them, normalises them
+the way the classifier was trained and classifies them. :meth:`DefendedModel.forward` is one
+differentiable stochastic path (what white-box attacks and torchattacks differentiate);
+:meth:`DefendedModel.predict` is the defence's decision, a vote over ``runs`` fresh purifications.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DefendedModel", "resolve_normalization"]
+
+_VOTES = ("majority", "logits")
+
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def resolve_normalization(classifier: nn.Module, normalize) -> Normalization | None:
+    """The (mean, std) the classifier expects, or ``None`` for inputs in [0, 1].
+
+    ``normalize`` is ``"auto"`` (the timm model's ``pretrained_cfg``, via
+    ``timm.data.resolve_model_data_config``), torchvision weights (``weights.transforms()``),
+    an explicit ``(mean, std)`` pair, or ``None`` (no normalisation).
+    """
+    if normalize is None:
+        return None
+    if isinstance(normalize, str):
+        if normalize != "auto":
+            raise ValueError(f"normalize must be 'auto', None, torchvision weights or (mean, std), got {normalize!r}")
+        if not getattr(classifier, "pretrained_cfg", None):
+            raise ValueError(f"cannot infer the normalisation of {type(classifier).__name__} (no timm pretrained_cfg): "
+                             "pass normalize=(mean, std), torchvision weights, or None for inputs in [0, 1]")
+        from timm.data import resolve_model_data_config
+
+        config = resolve_model_data_config(classifier)
+        return tuple(config["mean"]), tuple(config["std"])
+    if hasattr(normalize, "transforms"):
+        preset = normalize.transforms()
+        return tuple(preset.mean), tuple(preset.std)
+    mean, std = normalize
+    if len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(f"normalize needs a mean and a positive std per channel, got {normalize!r}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+class DefendedModel(nn.Module):
+    """``classifier(normalize(purifier(x)))`` with the defence's voting and attack views.
+
+    Args:
+        purifier: a :class:`~purifytf.Purifier` (or any differentiable [0, 1] -> [0, 1] module);
+            ``None`` means no defence.
+        classifier: ``nn.Module`` mapping normalised (B, C, H, W) images to logits (B, K).
+        runs: fresh purifications whose decisions are pooled by :meth:`predict`.
+        vote: ``"majority"`` (most frequent label, ties to the smallest label) or ``"logits"``
+            (argmax of the mean logits).
+        normalize: see :func:`resolve_normalization`; default ``"auto"`` (timm models).
+        bpda: backward pass through the purifier as the identity (BPDA); the forward is unchanged.
+
+    Like purifiers, the model stays in eval mode whatever ``train()`` says (no batch-norm updates
+    while attacking).
+    """
+
+    def __init__(self, purifier: nn.Module | None, classifier: nn.Module, runs: int = 1, vote: str = "majority",
+                 normalize="auto", bpda: bool = False):
+        super().__init__()
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
+        if runs < 1:
+            raise ValueError(f"runs must be >= 1, got {runs}")
+        if vote not in _VOTES:
+            raise ValueError(f"vote must be one of {_VOTES}, got {vote!r}")
+        self.purifier = purifier
+        self.classifier = classifier
+        self.runs = runs
+        self.vote = vote
+        self.bpda = bpda
+        self.normalization = resolve_normalization(classifier, normalize)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        """Sets the ``training`` flag only; wrapped networks stay in eval mode."""
+        super().train(False)
+        self.training = mode
+        return self
+
+    def replace(self, **changes) -> DefendedModel:
+        """A view sharing the networks with some arguments changed, e.g. ``replace(purifier=None)``."""
+        kwargs = dict(purifier=self.purifier, classifier=self.classifier, runs=self.runs, vote=self.vote,
+                      normalize=self.normalization, bpda=self.bpda)
+        return DefendedModel(**{**kwargs, **changes})
+
+    def purify(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) in [0, 1] -> one purification of it (``x`` itself without a purifier)."""
+        if self.purifier is None:
+            return x
+        purified = self.purifier(x)
+        return x + (purified - x).detach() if self.bpda else purified
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """[0, 1] images -> the classifier's input space."""
+        if self.normalization is None:
+            return x
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in self.normalization)
+        return (x - mean) / std
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, K) of one stochastic, differentiable pass on ``x`` (B, C, H, W) in [0, 1]."""
+        return self.classifier(self.normalize(self.purify(x)))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """The defence's labels (B,): a vote over :attr:`runs` fresh purifications of ``x``."""
+        logits = torch.stack([self(x) for _ in range(self.runs)])  # (runs, B, K)
+        if self.vote == "logits":
+            return logits.mean(0).argmax(-1)
+        votes = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # (B, K)
+        return votes.argmax(-1)
+
+    def extra_repr(self) -> str:
+        return f"runs={self.runs}, vote={self.vote!r}, normalization={self.normalization}, bpda={self.bpda}"
+

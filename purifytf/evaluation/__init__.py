@@ -1,0 +1,18 @@
+"""Robustness evaluation: per-image records, resumable and shardable runs, the ``purifytf eval`` CLI.
+
+Python use::
+
+    from purifytf.defended import DefendedModel
+    from purifytf.attacks import AttackSettings, parse_attacks
+    from purifytf.evaluation import evaluate
+
+    defended = DefendedModel(purifier, classifier, runs=10)
+    summary = evaluate(defended, dataset, parse_attacks("lee-kim"), "results/run1",
+                       settings=AttackSettings(eps=8 / 255, steps=200, eot=20), indices=range(512))
+"""
+
+from .data import BUNDLED, load_dataset
+from .harness import evaluate, evaluate_image, load_records, summarize, summary_markdown
+
+__all__ = ["BUNDLED", "evaluate", "evaluate_image", "load_dataset", "load_records", "summarize",
+           "summary_markdown"]

@@ -1,0 +1,87 @@
+"""Evaluation datasets: every item is ``(image (C, H, W) float32 in [0, 1], label int)``.
+
+:func:`load_dataset` takes a ``KIND:ARGUMENT`` spec:
+
+- ``npz:FILE.npz``: NumPy arrays ``images`` (or ``x``) and ``labels`` (or ``y``); images
+  (N, H, W), (N, H, W, C) or (N, C, H, W), integer (0-255) or float in [0, 1].
+- ``idx:IMAGES,LABELS``: MNIST-style IDX files (optionally ``.gz``).
+- ``folder:DIR``: one sub-folder of images per class (labels: the sorted folder names).
+- ``torchvision:NAME:ROOT[:SPLIT]``: ``torchvision.datasets.NAME`` already in ROOT, nothing is
+  downloaded: ``train=False``, or ``split=SPLIT`` (default ``test``; ImageNet: ``val``).
+- ``bundled:NAME``: a dataset shipped with purifytf (:data:`BUNDLED`; none yet).
+
+``size`` (folders and torchvision datasets) resizes the shorter side and centre-crops to a square.
+Arrays and folders are read with :mod:`purifytf.train.data`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ..train.data import ArrayData, ImageFolderData, read_idx, to_images
+
+__all__ = ["BUNDLED", "load_dataset"]
+
+BUNDLED: dict[str, Callable[[], Dataset]] = {}
+"""Hook for datasets shipped with purifytf: name -> function returning the evaluation split."""
+
+
+def _load_npz(path: str) -> ArrayData:
+    with np.load(path) as arrays:
+        keys = set(arrays.files)
+        image_key = next((k for k in ("images", "x") if k in keys), None)
+        label_key = next((k for k in ("labels", "y") if k in keys), None)
+        if image_key is None or label_key is None:
+            raise ValueError(f"{path} must hold arrays 'images' (or 'x') and 'labels' (or 'y'), has {sorted(keys)}")
+        return ArrayData(to_images(arrays[image_key]), arrays[label_key])
+
+
+def _load_idx(argument: str) -> ArrayData:
+    images, sep, labels = argument.partition(",")
+    if not sep:
+        raise ValueError(f"idx datasets are 'idx:IMAGES_FILE,LABELS_FILE', got 'idx:{argument}'")
+    return ArrayData(to_images(read_idx(images)), read_idx(labels))
+
+
+def _load_torchvision(argument: str, size: int | None) -> Dataset:
+    import torchvision.datasets
+
+    name, sep, root = argument.partition(":")
+    root, _, split_name = root.partition(":")
+    cls = getattr(torchvision.datasets, name, None)
+    if not sep or not isinstance(cls, type):
+        raise ValueError(f"torchvision datasets are 'torchvision:NAME:ROOT[:SPLIT]' with NAME in "
+                         f"torchvision.datasets, got 'torchvision:{argument}'")
+    params = inspect.signature(cls).parameters
+    split = {"train": False} if "train" in params else {"split": split_name or "test"} if "split" in params else {}
+    split.update({"download": False} if "download" in params else {})
+    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size)] if size else []
+    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *resize])
+    return cls(root, transform=transform, **split)
+
+
+def load_dataset(spec: str, size: int | None = None) -> Dataset:
+    """The dataset a ``KIND:ARGUMENT`` spec names (see the module doc)."""
+    kind, sep, argument = spec.partition(":")
+    if not sep or not argument:
+        raise ValueError(f"dataset spec must be KIND:ARGUMENT with KIND in npz, idx, folder, torchvision, bundled; "
+                         f"got {spec!r}")
+    if kind == "bundled":
+        if argument not in BUNDLED:
+            raise ValueError(f"no bundled dataset {argument!r}; bundled: {sorted(BUNDLED) or 'none yet'}")
+        return BUNDLED[argument]()
+    if kind in ("npz", "idx", "folder") and not all(Path(p).exists() for p in argument.split(",")):
+        raise FileNotFoundError(f"dataset {spec!r}: no such file or directory")
+    loaders = {"npz": lambda: _load_npz(argument), "idx": lambda: _load_idx(argument),
+               "folder": lambda: ImageFolderData(argument, size),
+               "torchvision": lambda: _load_torchvision(argument, size)}
+    if kind not in loaders:
+        raise ValueError(f"unknown dataset kind {kind!r} in {spec!r}; known: {sorted([*loaders, 'bundled'])}")
+    return loaders[kind]()

@@ -1,0 +1,117 @@
+"""DefendedModel: normalisation sources, voting, BPDA and exact gradients through a purifier."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet18_Weights
+
+from purifytf import DiffPurify, OracleBackbone
+from purifytf.attacks import eot_gradient
+from purifytf.defended import DefendedModel, resolve_normalization
+
+
+def _linear(pixels: int = 16, classes: int = 3, scale: float = 1.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, classes))
+    with torch.no_grad():
+        model[1].weight.mul_(scale)
+    return model
+
+
+def _ddim_purifier() -> DiffPurify:
+    """Deterministic (DDIM, fixed seed) purifier whose output still depends smoothly on its input."""
+    references = 0.5 + 0.05 * torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return DiffPurify(OracleBackbone(references), t_star=0.3, steps=4, sampler="ddim", seed=0)
+
+
+class _ScriptedLogits(nn.Module):
+    """Returns the given logits (K,) for every image, one set per call (for vote tests)."""
+
+    def __init__(self, *logits):
+        super().__init__()
+        self.logits = [torch.tensor(v, dtype=torch.float32) for v in logits]
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.logits[self.calls % len(self.logits)].expand(x.shape[0], -1)
+        self.calls += 1
+        return out
+
+
+def test_normalization_sources():
+    timm_model = timm.create_model("test_resnet", num_classes=3)
+    assert resolve_normalization(timm_model, "auto") == (tuple(timm_model.pretrained_cfg["mean"]),
+                                                         tuple(timm_model.pretrained_cfg["std"]))
+    assert resolve_normalization(nn.Identity(), ResNet18_Weights.IMAGENET1K_V1) == ((0.485, 0.456, 0.406),
+                                                                                   (0.229, 0.224, 0.225))
+    assert resolve_normalization(nn.Identity(), ([0.5], [0.25])) == ((0.5,), (0.25,))
+    assert resolve_normalization(nn.Identity(), None) is None
+    with pytest.raises(ValueError, match="pretrained_cfg"):
+        resolve_normalization(nn.Identity(), "auto")
+    with pytest.raises(ValueError, match="positive std"):
+        resolve_normalization(nn.Identity(), ([0.5], [0.0]))
+
+
+def test_forward_normalizes_after_purifying():
+    classifier = _linear()
+    model = DefendedModel(None, classifier, normalize=([0.5], [0.25]))
+    x = torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(model(x), classifier((x - 0.5) / 0.25))
+
+
+def test_votes():
+    scripted = _ScriptedLogits([5.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
+    x = torch.rand(2, 1, 4, 4)
+    assert DefendedModel(None, scripted, runs=3, normalize=None).predict(x).tolist() == [1, 1]
+    assert DefendedModel(None, scripted, runs=3, vote="logits", normalize=None).predict(x).tolist() == [0, 0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="runs"):
+        DefendedModel(None, _linear(), runs=0, normalize=None)
+    with pytest.raises(ValueError, match="vote"):
+        DefendedModel(None, _linear(), vote="mean", normalize=None)
+    with pytest.raises(TypeError, match="nn.Module"):
+        DefendedModel(None, lambda x: x, normalize=None)
+    with pytest.raises(ValueError, match="normalize"):
+        DefendedModel(None, _linear(), normalize="imagenet")
+
+
+def test_stays_in_eval_mode():
+    model = DefendedModel(None, nn.Sequential(nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(16, 2)), normalize=None)
+    model.train()
+    assert model.training and not model.classifier.training
+
+
+def test_bpda_gradient_is_the_classifiers_at_the_purified_point():
+    model = DefendedModel(_ddim_purifier(), _linear(), normalize=([0.5], [0.5]))
+    x, y = 0.2 + 0.6 * torch.rand(2, 1, 4, 4), torch.tensor([0, 2])
+    bpda = model.replace(bpda=True)
+    torch.testing.assert_close(bpda(x), model(x))
+    purified = model.purifier(x).detach()
+    expected = eot_gradient(model.replace(purifier=None), purified, y)
+    torch.testing.assert_close(eot_gradient(bpda, x, y), expected)
+    assert not torch.allclose(eot_gradient(model, x, y), expected)
+
+
+def test_exact_gradient_through_purifier_matches_finite_differences():
+    model = DefendedModel(_ddim_purifier(), _linear(scale=30.0), normalize=None)
+    x = 0.2 + 0.6 * torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmin(-1)  # the least likely label: cross-entropy far from saturation
+    grad = eot_gradient(model, x, y)
+    assert grad.norm() > 1e-2
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    h = 3e-2
+    with torch.no_grad():
+        loss = [F.cross_entropy(model(x + s * h * direction), y, reduction="sum") for s in (1, -1)]
+    finite_difference = (loss[0] - loss[1]) / (2 * h)
+    torch.testing.assert_close((grad * direction).sum(), finite_difference, rtol=0.02, atol=0)
+
+
+def test_predict_without_purifier_is_the_classifiers_argmax():
+    classifier = _linear()
+    x = torch.rand(3, 1, 4, 4)
+    assert torch.equal(DefendedModel(None, classifier, runs=2, normalize=None).predict(x), classifier(x).argmax(-1))

@@ -1,0 +1,190 @@
+"""``purifytf eval``: records and summaries, resuming after an interruption, loaders, clear errors."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from purifytf import DiffPurify
+from purifytf.evaluation import harness, load_dataset, load_records
+from purifytf.evaluation.cli import main
+from purifytf.evaluation.loading import load_classifier, load_purifier
+
+TOY_MODULE = textwrap.dedent('''
+    """Toy defence for the evaluation tests: 1x4x4 images, brightness decides the class."""
+    import torch
+    from torch import nn
+
+    from purifytf import DiffPurify, OracleBackbone
+
+
+    def classifier():
+        linear = nn.Linear(16, 3)
+        with torch.no_grad():
+            linear.weight.copy_(torch.tensor([-1.0, 1.0, 0.0])[:, None].expand(3, 16) * 20 / 16)
+            linear.bias.copy_(torch.tensor([10.0, -10.0, -20.0]))
+        return nn.Sequential(nn.Flatten(), linear)
+
+
+    def purifier(steps=2):
+        prototypes = torch.tensor([0.3, 0.7])[:, None, None, None].expand(2, 1, 4, 4).clone()
+        return DiffPurify(OracleBackbone(prototypes), t_star=0.2, steps=steps)
+''')
+
+NUM_IMAGES = 6
+ATTACKS = ["pgd-eot-linf", "pgd-eot-linf@bpda", "autoattack-rand", "fgsm@transfer"]
+
+
+def write_setup(directory: Path) -> list[str]:
+    """Writes ``toy_eval.py`` and ``data.npz`` into ``directory``; returns the CLI arguments using them
+    (``directory`` must be importable: on ``sys.path`` / ``PYTHONPATH``)."""
+    (directory / "toy_eval.py").write_text(TOY_MODULE)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(NUM_IMAGES) % 2
+    images = (0.4 + 0.2 * labels.float())[:, None, None, None] + 0.05 * torch.randn(NUM_IMAGES, 4, 4, 1, generator=g)
+    np.savez(directory / "data.npz", images=(images.clamp(0, 1) * 255).round().byte().numpy(), labels=labels.numpy())
+    return ["--purifier", "toy_eval:purifier", "--classifier", "toy_eval:classifier", "--normalize", "none",
+            "--dataset", f"npz:{directory / 'data.npz'}", "--attacks", ",".join(ATTACKS), "--eps", "24/255",
+            "--step", "0.03", "--steps", "3", "--apgd-steps", "3", "--eot", "2", "--runs", "3", "--seed", "5",
+            "--no-progress"]
+
+
+def comparable(records: dict[int, dict]) -> dict[int, dict]:
+    """Records without their timings and memory (which vary from run to run)."""
+    def strip(record: dict) -> dict:
+        attacks = {k: {f: v for f, v in a.items() if f != "seconds"} for k, a in record["attacks"].items()}
+        return {**{k: v for k, v in record.items() if k not in ("seconds", "peak_memory_mib")}, "attacks": attacks}
+    return {i: strip(r) for i, r in records.items()}
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch) -> list[str]:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return write_setup(tmp_path)
+
+
+def test_records_and_summary(setup, tmp_path):
+    out = tmp_path / "out"
+    assert main([*setup, "--output", str(out)]) == 0
+    records = load_records(out)
+    assert sorted(records) == list(range(NUM_IMAGES))
+    assert [records[i]["seed"] for i in range(NUM_IMAGES)] == [5 + i for i in range(NUM_IMAGES)]
+    summary = json.loads((out / "summary.json").read_text())
+    names = ATTACKS
+    assert list(summary["robust_accuracy"]) == names
+    for record in records.values():
+        assert record["nfe"] == 2 and record["nfe_total"] > 0 and record["seconds"] > 0
+        assert record["robust"] == (record["clean_correct"] and all(record["attacks"][n]["robust"] for n in names))
+    assert summary["robust_accuracy_overall"] == np.mean([r["robust"] for r in records.values()])
+    assert summary["robust_accuracy_overall"] <= min(summary["robust_accuracy"].values())
+    assert "pgd-eot-linf@bpda" in (out / "summary.md").read_text()
+    assert json.loads((out / "run.json").read_text())["seed"] == 5
+
+
+def test_resume_after_interruption(setup, tmp_path, monkeypatch):
+    assert main([*setup, "--output", str(tmp_path / "full")]) == 0
+    real, calls = harness.evaluate_image, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[5])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate_image", interrupted)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        main([*setup, "--output", str(out)])
+    assert len(load_records(out)) == 2 and not (out / "summary.json").exists()
+    with (out / "images.jsonl").open("a") as file:
+        file.write('{"index": 2, "label"')  # killed in the middle of a write
+    assert main([*setup, "--output", str(out)]) == 0
+    assert calls == [5, 6, 7, 7, 8, 9, 10]  # seeds: two done, one interrupted, the rest on the rerun
+    lines = (out / "images.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["index"] for line in lines) == list(range(NUM_IMAGES))
+    assert comparable(load_records(out)) == comparable(load_records(tmp_path / "full"))
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, tmp_path / "full")]
+    assert summaries[0]["robust_accuracy"] == summaries[1]["robust_accuracy"]
+
+
+def test_more_images_extend_a_run_but_another_configuration_is_refused(setup, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main([*setup, "--output", out, "--num-images", "2"]) == 0
+    assert main([*setup, "--output", out, "--num-images", "3"]) == 0
+    assert sorted(load_records(out)) == [0, 1, 2]
+    assert main([*setup, "--output", out, "--eps", "8/255"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--attacks": "pgd-eot"}, "unknown attack 'pgd-eot'"),
+    ({"--classifier": "no_such_model"}, "neither a timm model name"),
+    ({"--classifier": "test_resnet"}, "random weights"),
+    ({"--classifier": "toy_eval:missing"}, "no callable 'missing'"),
+    ({"--dataset": "npz:missing.npz"}, "no such file"),
+    ({"--dataset": "cifar10"}, "KIND:ARGUMENT"),
+    ({"--dataset": "bundled:fashion-mnist"}, "none yet"),
+    ({"--num-images": "100"}, "--num-images"),
+    ({"--normalize": "imagenet"}, "torchvision weights"),
+    ({"--purifier": "none", "--purifier-seed": "1"}, "takes no"),
+    ({"--purifier-option": "steps"}, "KEY=VALUE"),
+    ({"--runs": "0"}, "runs must be"),
+])
+def test_bad_arguments(setup, tmp_path, capsys, change, message):
+    args = list(setup)
+    for key, value in change.items():
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_number_is_an_argparse_error(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*setup, "--output", str(tmp_path / "out"), "--eps", "8/0"])
+    assert exit_info.value.code == 2 and "fraction" in capsys.readouterr().err
+
+
+def test_saved_purifier_needs_its_class_and_takes_options(setup, tmp_path):
+    import toy_eval
+
+    toy_eval.purifier().save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="--purifier-class"):
+        load_purifier(str(tmp_path / "saved"))
+    purifier = load_purifier(str(tmp_path / "saved"), "DiffPurify", {"steps": 1}, checkpoint=True, seed=3)
+    assert isinstance(purifier, DiffPurify) and purifier.steps == 1 and purifier.checkpoint and purifier.seed == 3
+
+
+def test_timm_classifier_with_safetensors_weights(tmp_path):
+    model = timm.create_model("test_resnet", num_classes=3)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    loaded = load_classifier("test_resnet", str(tmp_path / "w.safetensors"), num_classes=3)
+    assert not loaded.training
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    return bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.astype(np.uint8).tobytes()
+
+
+def test_dataset_formats(tmp_path):
+    from PIL import Image
+
+    images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    (tmp_path / "images.idx").write_bytes(_idx_bytes(images))
+    (tmp_path / "labels.idx").write_bytes(_idx_bytes(np.array([4, 7])))
+    idx = load_dataset(f"idx:{tmp_path / 'images.idx'},{tmp_path / 'labels.idx'}")
+    image, label = idx[1]
+    assert image.shape == (1, 3, 3) and label == 7 and torch.allclose(image[0] * 255, torch.tensor(images[1]).float())
+    for name in ("a", "b"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        Image.new("RGB", (6, 5), (255, 0, 0)).save(tmp_path / "folder" / name / "0.png")
+    image, label = load_dataset(f"folder:{tmp_path / 'folder'}", size=4)[1]
+    assert image.shape == (3, 4, 4) and label == 1 and image[0].min() > 0.99 and image[1].max() < 0.01
