@@ -13,14 +13,6 @@ SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "deco
          "decoder_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -7,23 +7,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_impure import SMALL
 from torch import nn
 
 from purifytf.purifiers.impure import IMPurify
 from purifytf.train import ArrayData, FeatureLoss, IMPureTrainer, TrainConfig, cli, open_data, patch_mix, pgd_attack
 from purifytf.train.data import ImageFolderData, to_images
 from purifytf.train.impure import _lr_factor
-
-SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32, "decoder_depth": 1,
-         "decoder_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gen(seed=0):
