@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .defended import DefendedModel
+from .random import rand_like, randn_like
 
 __all__ = ["Attack", "AttackSettings", "ATTACK_METHODS", "ATTACK_VIEWS", "PRESETS", "eot_gradient", "parse_attacks",
            "pgd_eot"]
@@ -81,11 +82,12 @@ def eot_gradient(model: nn.Module, x: Tensor, y: Tensor, eot: int = 1, eot_batch
     x = x.detach().requires_grad_(True)
     grad = torch.zeros_like(x)
     chunk = eot_batch or eot
-    for start in range(0, eot, chunk):
-        copies = min(chunk, eot - start)
-        logits = model(x.repeat(copies, 1, 1, 1))
-        loss = F.cross_entropy(logits, y.repeat(copies), reduction="sum")
-        grad += torch.autograd.grad(loss, x)[0]
+    with torch.enable_grad():  # callers may run under no_grad (e.g. a training step's data preparation)
+        for start in range(0, eot, chunk):
+            copies = min(chunk, eot - start)
+            logits = model(x.repeat(copies, 1, 1, 1))
+            loss = F.cross_entropy(logits, y.repeat(copies), reduction="sum")
+            grad += torch.autograd.grad(loss, x)[0]
     return grad
 
 
@@ -93,11 +95,11 @@ def _per_sample_norm(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (v.dim() - 1))
 
 
-def _random_start(x: Tensor, norm: str, eps: float) -> Tensor:
+def _random_start(x: Tensor, norm: str, eps: float, generator: torch.Generator | None) -> Tensor:
     if norm == "Linf":
-        return torch.empty_like(x).uniform_(-eps, eps)
-    direction = torch.randn_like(x)
-    radius = torch.rand(x.shape[0], *[1] * (x.dim() - 1), dtype=x.dtype, device=x.device) * eps
+        return (2 * rand_like(x, generator) - 1) * eps
+    direction = randn_like(x, generator)
+    radius = rand_like(x.new_empty(x.shape[0], *[1] * (x.dim() - 1)), generator) * eps
     return direction / _per_sample_norm(direction) * radius
 
 
@@ -108,7 +110,8 @@ def _project(delta: Tensor, norm: str, eps: float) -> Tensor:
 
 
 def pgd_eot(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, step: float, steps: int, eot: int = 1,
-            random_start: bool = True, eot_batch: int | None = None) -> Tensor:
+            random_start: bool = True, eot_batch: int | None = None, generator: torch.Generator | None = None
+            ) -> Tensor:
     """PGD with EOT in the ``norm`` ("Linf" or "L2") ball of radius ``eps`` around ``x`` in [0, 1].
 
     Each step ascends :func:`eot_gradient` (sign for Linf, unit L2 direction for L2), projects back
@@ -117,7 +120,7 @@ def pgd_eot(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: float, st
     if norm not in ("Linf", "L2"):
         raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
     x = x.detach()
-    delta = _random_start(x, norm, eps) if random_start else torch.zeros_like(x)
+    delta = _random_start(x, norm, eps, generator) if random_start else torch.zeros_like(x)
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(steps):
         grad = eot_gradient(model, x + delta, y, eot, eot_batch)

@@ -16,16 +16,13 @@ Arrays and folders are read with :mod:`purifytf.train.data`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from ..train.data import ArrayData, ImageFolderData, read_idx, to_images
+from ..train.data import ArrayData, ImageFolderData, read_idx, to_images, torchvision_dataset
 
 __all__ = ["BUNDLED", "load_dataset"]
 
@@ -51,20 +48,12 @@ def _load_idx(argument: str) -> ArrayData:
 
 
 def _load_torchvision(argument: str, size: int | None) -> Dataset:
-    import torchvision.datasets
-
     name, sep, root = argument.partition(":")
-    root, _, split_name = root.partition(":")
-    cls = getattr(torchvision.datasets, name, None)
-    if not sep or not isinstance(cls, type):
+    root, _, split = root.partition(":")
+    if not sep:
         raise ValueError(f"torchvision datasets are 'torchvision:NAME:ROOT[:SPLIT]' with NAME in "
                          f"torchvision.datasets, got 'torchvision:{argument}'")
-    params = inspect.signature(cls).parameters
-    split = {"train": False} if "train" in params else {"split": split_name or "test"} if "split" in params else {}
-    split.update({"download": False} if "download" in params else {})
-    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size)] if size else []
-    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *resize])
-    return cls(root, transform=transform, **split)
+    return torchvision_dataset(name, root, train=False, split=split or None, image_size=size)
 
 
 def load_dataset(spec: str, size: int | None = None) -> Dataset:

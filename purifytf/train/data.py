@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-__all__ = ["ArrayData", "ImageFolderData", "NO_LABEL", "load_array", "open_data", "read_idx", "to_images"]
+__all__ = ["ArrayData", "ImageFolderData", "NO_LABEL", "load_array", "open_data", "read_idx", "to_images",
+           "torchvision_dataset"]
 
 NO_LABEL = -1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -126,6 +128,26 @@ class ImageFolderData(Dataset):
         return self.transform(image), label
 
 
+def torchvision_dataset(name: str, root: str | Path, train: bool = True, split: str | None = None,
+                        image_size: int | None = None) -> Dataset:
+    """``torchvision.datasets.NAME`` already in ``root`` (never downloads), as ``(image, label)`` pairs.
+
+    The split is ``train=`` for datasets that take it, else ``split=`` (default ``"train"`` or
+    ``"test"`` by ``train``). Images go through :func:`_image_transform` (``image_size``).
+    """
+    datasets = importlib.import_module("torchvision.datasets")
+    cls = getattr(datasets, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    params = inspect.signature(cls).parameters
+    kwargs = {"download": False} if "download" in params else {}
+    if "train" in params:
+        kwargs["train"] = train
+    elif "split" in params:
+        kwargs["split"] = split or ("train" if train else "test")
+    return _TorchvisionData(cls(str(root), **kwargs), image_size)
+
+
 class _TorchvisionData(Dataset):
     def __init__(self, dataset: Dataset, image_size: int | None):
         self.dataset = dataset
@@ -149,10 +171,7 @@ def open_data(spec: str, image_size: int | None = None, labels: str | None = Non
     """
     if spec.startswith("torchvision:"):
         _, name, root = (spec.split(":", 2) + [""])[:3]
-        datasets = importlib.import_module("torchvision.datasets")
-        if not hasattr(datasets, name):
-            raise ValueError(f"torchvision.datasets has no {name!r}")
-        return _TorchvisionData(getattr(datasets, name)(root or ".", train=True, download=False), image_size)
+        return torchvision_dataset(name, root or ".", train=True, image_size=image_size)
     path = Path(spec)
     if path.is_dir():
         return ImageFolderData(path, image_size)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ..attacks import pgd_eot
 from ..purifiers.impure import IMPurify
 from ..random import rand_like
 from .data import NO_LABEL
@@ -101,16 +102,9 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 def pgd_attack(classifier: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                eps: float = 8 / 255, steps: int = 10) -> Tensor:
-    """L-inf PGD with a random start, step ``2.5 * eps / steps``, cross-entropy: -> x_adv in [0, 1]."""
-    alpha = 2.5 * eps / steps
-    delta = (2 * rand_like(x, generator) - 1) * eps
-    with torch.enable_grad():
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(classifier((x + delta).clamp(0, 1)), y)
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
-    return (x + delta).clamp(0, 1).detach()
+    """The recipe's attack: L-inf PGD (:func:`purifytf.attacks.pgd_eot`) with a random start drawn from
+    ``generator`` and step ``2.5 * eps / steps`` -> x_adv in [0, 1]."""
+    return pgd_eot(classifier, x, y, norm="Linf", eps=eps, step=2.5 * eps / steps, steps=steps, generator=generator)
 
 
 def patch_mix(x_in: Tensor, pred: Tensor, patch_size: int, generator: torch.Generator | None = None) -> Tensor:
