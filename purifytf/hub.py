@@ -1,7 +1,8 @@
 """Pretrained weights: a registry of where each checkpoint lives, and safe downloading and loading.
 
-Each :class:`Weights` entry names a Hugging Face repo (pinned ``revision``) or a URL with its
-sha256, the checkpoint's layout (:data:`~purifytf.checkpoints.FORMATS`) and the backbone config it
+Each :class:`Weights` entry names a Hugging Face repo (pinned ``revision``), a URL with its
+sha256, or a file bundled with the package (:data:`ASSETS`: the embedded Fashion-MNIST default),
+plus the checkpoint's layout (:data:`~purifytf.checkpoints.FORMATS`) and the backbone config it
 fills. Hugging Face files go through ``huggingface_hub`` (its cache, ``HF_HUB_CACHE``,
 ``HF_HUB_OFFLINE``/``local_files_only``); URL files go to ``torch.hub``'s checkpoint folder and are
 checked against their sha256. Offline, a file missing from the cache fails at once with a message
@@ -14,6 +15,7 @@ saying how to get it. Files are read with safetensors or ``torch.load(weights_on
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,17 @@ from .diffusion.backbones import Backbone, build_backbone, schedule_from_config
 from .diffusion.guided_unet import unet_kwargs_from_flags
 
 __all__ = [
+    "ASSETS",
     "GUIDED_DIFFUSION_256_UNCOND_SHA256",
     "Weights",
     "get_weights",
     "list_weights",
     "load_backbone",
+    "load_backbone_dir",
     "model_card",
     "register_weights",
+    "bundled_file",
+    "companion_file",
     "untrained_backbone",
     "weights_file",
 ]
@@ -53,6 +59,9 @@ class Weights:
             inside the repo), the first one the repo has is used.
         url, sha256: direct-download source and the file's sha256 (``None``: unknown, so a download
             needs ``check_hash=False``).
+        bundled: path of a file shipped inside the package, relative to :data:`ASSETS`.
+        companions: models trained for the same data, bundled: ``{"classifier" | "impure" | "ssni_stats":
+            path relative to ASSETS}`` (the target classifier, IMPurify, SSNI's score-norm statistics).
         purifier_kwargs: purifier settings the papers pair with this backbone (e.g. DiffPure's ``t_star``).
         card: model-card metadata (``datasets``, ``license``, ``base_model``, ``paper``, ``description``).
     """
@@ -65,13 +74,18 @@ class Weights:
     filenames: tuple[str, ...] = ("model.safetensors",)
     url: str | None = None
     sha256: str | None = None
+    bundled: str | None = None
+    companions: dict[str, str] = field(default_factory=dict)
     purifier_kwargs: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.repo_id is None) == (self.url is None):
-            raise ValueError(f"weights {self.name!r}: give exactly one of repo_id and url")
+        if sum(source is not None for source in (self.repo_id, self.url, self.bundled)) != 1:
+            raise ValueError(f"weights {self.name!r}: give exactly one of repo_id, url and bundled")
 
+
+ASSETS = Path(__file__).parent / "assets"
+"""Models and data shipped inside the package (written by ``examples/train_fashion_mnist.py``)."""
 
 _REGISTRY: dict[str, Weights] = {}
 
@@ -162,15 +176,49 @@ def weights_file(
         check_hash: verify URL downloads against their sha256 (refuses when none is recorded).
     """
     w = get_weights(weights)
+    if w.bundled is not None:
+        return bundled_file(w.bundled)
     offline = _offline(local_files_only)
     if w.repo_id is not None:
         return _hf_file(w, cache_dir, offline)
     return _url_file(w, cache_dir, offline, check_hash)
 
 
+def bundled_file(relative: str | Path) -> Path:
+    """Path of a file shipped in :data:`ASSETS`; a clear error if this install lacks it."""
+    path = ASSETS / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from this purifytf install: reinstall the package, or "
+                                f"rebuild the embedded models with `python examples/train_fashion_mnist.py`")
+    return path
+
+
+def companion_file(weights: str | Weights, name: str) -> Path:
+    """Path of a bundled companion of ``weights`` (``"classifier"``, ``"impure"``, ``"ssni_stats"``, ...)."""
+    w = get_weights(weights)
+    if name not in w.companions:
+        raise KeyError(f"weights {w.name!r} have no bundled {name}; bundled companions: {sorted(w.companions)} "
+                       f"(the embedded default 'fashion-mnist' has them all)")
+    return bundled_file(w.companions[name])
+
+
 def untrained_backbone(weights: str | Weights) -> Backbone:
     """The backbone of ``weights``' architecture and schedule, randomly initialised (nothing downloaded)."""
     return build_backbone(get_weights(weights).config)
+
+
+def _load_strict(config: dict[str, Any], state: dict[str, torch.Tensor], source: str,
+                 map_location: str | torch.device) -> Backbone:
+    """Build the backbone of ``config`` on the meta device (no random init) and fill it with ``strict=True``."""
+    with torch.device("meta"):
+        backbone = build_backbone(config)
+    backbone.to_empty(device=map_location)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{source} does not fit its backbone config: {err}") from err
+    backbone.schedule = schedule_from_config(config.get("schedule")).to(map_location)  # to_empty wiped it
+    return backbone.eval()
 
 
 def load_backbone(
@@ -189,15 +237,15 @@ def load_backbone(
     w = get_weights(weights)
     path = weights_file(w, cache_dir=cache_dir, local_files_only=local_files_only, check_hash=check_hash)
     state = convert_state_dict(w.format, load_state_dict_file(path))
-    with torch.device("meta"):
-        backbone = build_backbone(w.config)
-    backbone.to_empty(device=map_location)
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise RuntimeError(f"{path} does not fit weights {w.name!r} ({w.format} layout): {err}") from err
-    backbone.schedule = schedule_from_config(w.config.get("schedule")).to(map_location)  # to_empty wiped it
-    return backbone.eval()
+    return _load_strict(w.config, state, f"{path} (weights {w.name!r}, {w.format} layout)", map_location)
+
+
+def load_backbone_dir(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
+    """A backbone saved as ``config.json`` + ``model.safetensors`` (what the DDPM recipe writes), strictly."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    state = load_state_dict_file(directory / "model.safetensors")
+    return _load_strict(config, state, str(directory / "model.safetensors"), map_location)
 
 
 def model_card(purifier: Any, weights: str | Weights | None = None, **card_data: Any) -> ModelCard:
@@ -269,4 +317,22 @@ register_weights(Weights(
     card={"datasets": ["imagenet-1k"], "license": "mit", "paper": "https://arxiv.org/abs/2105.05233",
           "description": "guided-diffusion (Dhariwal & Nichol, 2021) unconditional ImageNet 256x256 UNet with "
                          "learned sigma, 552.8M parameters; DiffPure's ImageNet backbone"},
+))
+
+register_weights(Weights(
+    name="fashion-mnist",
+    bundled="fashion-mnist/ddpm/model.safetensors",
+    config={
+        "kind": "diffusers_unet2d",
+        "schedule": {"kind": "linear", "num_steps": 1000},
+        "unet": {"sample_size": 28, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 32, 64],
+                 "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3,
+                 "norm_num_groups": 8},
+    },
+    companions={"classifier": "fashion-mnist/classifier", "impure": "fashion-mnist/impure",
+                "ssni_stats": "fashion-mnist/ssni/stats.json", "test_slice": "fashion-mnist/test-slice.npz"},
+    purifier_kwargs={"t_star": 0.1},
+    card={"datasets": ["zalando-datasets/fashion_mnist"], "license": "apache-2.0",
+          "description": "purifytf's embedded default: eps-prediction DDPM UNet (0.64M parameters), Fashion-MNIST "
+                         "28x28 grey, linear schedule, trained by examples/train_fashion_mnist.py"},
 ))

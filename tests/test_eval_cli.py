@@ -128,7 +128,7 @@ def test_more_images_extend_a_run_but_another_configuration_is_refused(setup, tm
     ({"--classifier": "toy_eval:missing"}, "no callable 'missing'"),
     ({"--dataset": "npz:missing.npz"}, "no such file"),
     ({"--dataset": "cifar10"}, "KIND:ARGUMENT"),
-    ({"--dataset": "bundled:fashion-mnist"}, "none yet"),
+    ({"--dataset": "bundled:mnist"}, "no bundled dataset"),
     ({"--num-images": "100"}, "--num-images"),
     ({"--normalize": "imagenet"}, "torchvision weights"),
     ({"--purifier": "none", "--purifier-seed": "1"}, "takes no"),

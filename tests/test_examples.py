@@ -1,14 +1,19 @@
 """The examples run as documented (they are the README's promises)."""
 
+import gzip
+import json
 import runpy
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+RECIPE = EXAMPLES[0].parent / "train_fashion_mnist.py"
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if p != RECIPE], ids=lambda p: p.name)
 def test_example_runs(path, capsys):
     runpy.run_path(str(path), run_name="__main__")
     assert capsys.readouterr().out.strip()
@@ -19,3 +24,31 @@ def test_nfe_table_matches_the_defaults(capsys):
     rows = dict(line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()[2:])
     assert rows["DiffPurify (t*=0.1, DDPM)"] == "100" and rows["IMPurify (tiny)"] == "1"
     assert rows["SaliencyDiffPurify (spacing 20)"] == "10" and rows["SSNIPurify (on DiffPurify, T'=20)"] == "120"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = b"\0\0\x08" + bytes([array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
+    """The recipe of the shipped models, in miniature: every part trains, saves and records itself."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 128), ("t10k", 1000)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    out = tmp_path / "zoo"
+    argv = ["train_fashion_mnist.py", "--data", str(tmp_path), "--out", str(out), "--classifier-steps", "2",
+            "--ddpm-steps", "2", "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1", "--ssni-images", "8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    with np.load(out / "test-slice.npz") as arrays:
+        assert arrays["images"].shape == (1000, 28, 28) and arrays["labels"].shape == (1000,)
+    for part in ("classifier", "ddpm", "impure", "ssni"):
+        recorded = json.loads((out / part / "metrics.json").read_text())
+        assert recorded["seed"] == 0 and recorded["seconds"] >= 0, part
+        assert not (out / part / "training_state.pt").exists()
+    assert {"psnr_t100", "psnr_t200"} <= set(json.loads((out / "ddpm" / "metrics.json").read_text()))
+    stats = json.loads((out / "ssni" / "stats.json").read_text())
+    assert stats["count"] == 8 and stats["eps_steps"] == 20

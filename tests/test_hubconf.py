@@ -12,17 +12,11 @@ from purifytf import hub
 from purifytf.purifiers.diffpure import DiffPurify
 
 REPO = str(Path(__file__).resolve().parents[1])
-PURIFIERS = {"diff_purify": "diffpure", "saliency_diff_purify": "saliency_diffpure", "ssni_purify": "ssni",
-             "im_purify": "impure"}
+ENTRIES = {"diff_purify", "saliency_diff_purify", "ssni_purify", "im_purify", "fashion_mnist_cnn"}
 
 
 def load(name, **kwargs):
     return torch.hub.load(REPO, name, source="local", trust_repo=True, **kwargs)
-
-
-def available(name):
-    if importlib.util.find_spec(f"purifytf.purifiers.{PURIFIERS[name]}") is None:
-        pytest.skip(f"purifytf.purifiers.{PURIFIERS[name]} does not exist yet")
 
 
 def tiny_cnn():
@@ -38,8 +32,8 @@ def test_list_and_help():
     for dep in hubconf.dependencies:
         assert importlib.util.find_spec(dep) is not None
     entries = [f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith("_")]
-    assert set(entries) == set(PURIFIERS)
-    for name in PURIFIERS:
+    assert set(entries) == ENTRIES
+    for name in ENTRIES:
         doc = getattr(hubconf, name).__doc__
         assert "pretrained" in doc and "weights" in doc
 
@@ -56,7 +50,7 @@ def test_diff_purify_pretrained_from_offline_cache(tiny_hf_weights):  # noqa: F8
 
 def test_diff_purify_real_weights_offline_without_cache(offline_cache):  # noqa: F811
     with pytest.raises(FileNotFoundError, match="google/ddpm-cifar10-32"):
-        load("diff_purify", pretrained=True)
+        load("diff_purify", pretrained=True, weights="ddpm-cifar10-32")
 
 
 def test_diff_purify_untrained(tiny_hf_weights):  # noqa: F811
@@ -66,21 +60,18 @@ def test_diff_purify_untrained(tiny_hf_weights):  # noqa: F811
         load("diff_purify", weights="nope")
 
 
-@pytest.mark.parametrize("name", ["saliency_diff_purify", "ssni_purify", "im_purify"])
-def test_entries_without_published_weights(name):
-    available(name)
-    with pytest.raises(RuntimeError, match="no pretrained purifytf weights are published"):
-        load(name, pretrained=True)
+@pytest.mark.parametrize("name", ["im_purify", "fashion_mnist_cnn"])
+def test_entries_without_such_weights(name):
+    with pytest.raises(KeyError, match="no bundled"):
+        load(name, pretrained=True, weights="ddpm-cifar10-32")
 
 
 def test_saliency_diff_purify_untrained(tiny_hf_weights):  # noqa: F811
-    available("saliency_diff_purify")
     purifier = load("saliency_diff_purify", weights="tiny-ddpm", classifier=tiny_cnn())
     assert purifier.backbone.config == hub.untrained_backbone("tiny-ddpm").config
 
 
 def test_ssni_purify_untrained(tiny_hf_weights):  # noqa: F811
-    available("ssni_purify")
     purifier = load("ssni_purify", weights="tiny-ddpm")
     assert isinstance(purifier.base, DiffPurify)
     base = load("diff_purify", pretrained=True, weights="tiny-ddpm")
@@ -88,10 +79,12 @@ def test_ssni_purify_untrained(tiny_hf_weights):  # noqa: F811
 
 
 def test_im_purify_untrained():
-    available("im_purify")
     overrides = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32,
                  "decoder_depth": 1, "decoder_heads": 2}
     purifier = load("im_purify", overrides=overrides)
     assert type(purifier).__name__ == "IMPurify"
-    with pytest.raises(RuntimeError, match="no pretrained"):
-        load("im_purify", weights="anything")
+
+
+def test_saliency_diff_purify_needs_a_classifier_off_the_embedded_default(tiny_hf_weights):  # noqa: F811
+    with pytest.raises(TypeError, match="needs classifier="):
+        load("saliency_diff_purify", weights="tiny-ddpm")

@@ -13,7 +13,7 @@ from torch import nn
 from purifytf.purifiers.impure import IMPurify
 from purifytf.train import ArrayData, FeatureLoss, IMPureTrainer, TrainConfig, cli, open_data, patch_mix, pgd_attack
 from purifytf.train.data import ImageFolderData, to_images
-from purifytf.train.impure import _lr_factor
+from purifytf.train.loop import lr_factor
 
 
 def gen(seed=0):
@@ -99,7 +99,7 @@ def test_patch_mix_takes_a_fraction_of_whole_patches_from_the_input():
 
 
 def test_lr_warms_up_then_decays():
-    factors = [_lr_factor(step, 10, 110) for step in range(110)]
+    factors = [lr_factor(step, 10, 110) for step in range(110)]
     assert factors[0] == 0.1 and factors[9] == 1.0 and factors[10] == 1.0
     assert factors[60] == pytest.approx(0.5) and factors[-1] < 0.01
     assert TrainConfig(batch_size=512).learning_rate == pytest.approx(2e-4)

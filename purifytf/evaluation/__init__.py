@@ -11,8 +11,9 @@ Python use::
                        settings=AttackSettings(eps=8 / 255, steps=200, eot=20), indices=range(512))
 """
 
+from .batched import pgd_eot_accuracy
 from .data import BUNDLED, load_dataset
 from .harness import evaluate, evaluate_image, load_records, summarize, summary_markdown
 
-__all__ = ["BUNDLED", "evaluate", "evaluate_image", "load_dataset", "load_records", "summarize",
-           "summary_markdown"]
+__all__ = ["BUNDLED", "evaluate", "evaluate_image", "load_dataset", "load_records", "pgd_eot_accuracy",
+           "summarize", "summary_markdown"]

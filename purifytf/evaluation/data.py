@@ -8,7 +8,8 @@
 - ``folder:DIR``: one sub-folder of images per class (labels: the sorted folder names).
 - ``torchvision:NAME:ROOT[:SPLIT]``: ``torchvision.datasets.NAME`` already in ROOT, nothing is
   downloaded: ``train=False``, or ``split=SPLIT`` (default ``test``; ImageNet: ``val``).
-- ``bundled:NAME``: a dataset shipped with purifytf (:data:`BUNDLED`; none yet).
+- ``bundled:NAME``: a dataset shipped with purifytf (:data:`BUNDLED`): ``bundled:fashion-mnist`` is the
+  first 1,000 Fashion-MNIST test images (MIT licence, Zalando Research).
 
 ``size`` (folders and torchvision datasets) resizes the shorter side and centre-crops to a square.
 Arrays and folders are read with :mod:`purifytf.train.data`.
@@ -26,8 +27,14 @@ from ..train.data import ArrayData, ImageFolderData, read_idx, to_images, torchv
 
 __all__ = ["BUNDLED", "load_dataset"]
 
-BUNDLED: dict[str, Callable[[], Dataset]] = {}
-"""Hook for datasets shipped with purifytf: name -> function returning the evaluation split."""
+def _fashion_mnist_slice() -> ArrayData:
+    from ..hub import companion_file
+
+    return _load_npz(str(companion_file("fashion-mnist", "test_slice")))
+
+
+BUNDLED: dict[str, Callable[[], Dataset]] = {"fashion-mnist": _fashion_mnist_slice}
+"""Datasets shipped with purifytf: name -> function returning the evaluation split."""
 
 
 def _load_npz(path: str) -> ArrayData:
@@ -64,7 +71,7 @@ def load_dataset(spec: str, size: int | None = None) -> Dataset:
                          f"got {spec!r}")
     if kind == "bundled":
         if argument not in BUNDLED:
-            raise ValueError(f"no bundled dataset {argument!r}; bundled: {sorted(BUNDLED) or 'none yet'}")
+            raise ValueError(f"no bundled dataset {argument!r}; bundled: {sorted(BUNDLED)}")
         return BUNDLED[argument]()
     if kind in ("npz", "idx", "folder") and not all(Path(p).exists() for p in argument.split(",")):
         raise FileNotFoundError(f"dataset {spec!r}: no such file or directory")

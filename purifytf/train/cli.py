@@ -30,7 +30,8 @@ from torchvision.transforms import v2
 from ..models.mae import MAE_PRESETS
 from ..purifiers.impure import IMPurify
 from .data import open_data
-from .impure import STATE_FILE, FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
+from .impure import FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
+from .loop import STATE_FILE
 
 __all__ = ["add_arguments", "run"]
 

@@ -1,0 +1,236 @@
+"""Cost per purified image: NFE, seconds, images/s, overhead over the bare backbone, attack-step memory.
+
+Every number of one backbone comes from one run, so the ratios hold on a noisy machine::
+
+    python benchmarks/cost.py --backbone fashion-mnist --batches 1 16 128
+    python benchmarks/cost.py --backbone ddpm-cifar10-32 --batches 1 16 --repeats 3   # random weights
+
+Results go to ``benchmarks/results/cost-<backbone>-<device>.json`` and a markdown table on stdout.
+
+- time: median of ``--repeats`` calls (after one warm-up) under ``torch.no_grad``; per image = / batch.
+- overhead: purifier time / (NFE x bare backbone forward time at the same batch). SaliencyDiffPurify's
+  classifier pass (the saliency mask) is timed on its own and reported apart.
+- memory of one full-gradient attack step (cross-entropy of the defended classifier, backward to the
+  input), with and without gradient checkpointing. CUDA: peak allocated bytes. CPU: the bytes autograd
+  keeps for the backward pass (unique storages seen by ``saved_tensors_hooks``) plus, when
+  checkpointing, the largest recomputed segment (one backbone forward's saved bytes): an estimate
+  of the activation peak, excluding the weights, reported against one backbone forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from purifytf import DiffPurify, IMPurify, SaliencyDiffPurify, SSNIPurify, count_nfe
+from purifytf.diffusion.schedule import network_timestep
+from purifytf.hub import load_backbone, untrained_backbone
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def seeded(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def saved_bytes(loss_fn: Callable[[], Tensor], weights: list[nn.Module]) -> int:
+    """Bytes autograd saves for the backward of ``loss_fn()`` (unique storages, the ``weights``' excluded)."""
+    excluded = {p.untyped_storage().data_ptr() for m in weights for p in [*m.parameters(), *m.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(seen.values())
+
+
+def step_memory(loss_fn: Callable[[Tensor], Tensor], x: Tensor, weights: list[nn.Module]) -> int:
+    """Activation bytes of ``loss_fn(x).backward()``: CUDA peak allocation, or the CPU saved-tensor estimate."""
+    x = x.clone().requires_grad_(True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        loss_fn(x).backward()
+        torch.cuda.synchronize(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - base
+    return saved_bytes(lambda: loss_fn(x), weights)
+
+
+def build(backbone_name: str, device: torch.device):
+    """Backbone (bundled weights or random), a classifier and the purifier configurations to measure."""
+    if backbone_name == "fashion-mnist":
+        from purifytf import pretrained
+
+        backbone = load_backbone("fashion-mnist")
+        classifier = pretrained.fashion_mnist_cnn(pretrained=True)
+        impure = pretrained.im_purify(pretrained=True)
+        stats = pretrained.ssni_purify(pretrained=True).stats
+        channels = 1
+    else:
+        torch.manual_seed(0)
+        backbone = untrained_backbone(backbone_name)  # random weights: timing only
+        channels = backbone.in_channels
+        classifier = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1),
+                                   nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+        impure = IMPurify(preset="tiny", in_channels=channels)
+        stats = {"mean": 1.0, "std": 1.0, "min": 0.0, "max": 2.0, "count": 1}  # placeholder: timing only
+    backbone, classifier, impure = backbone.to(device).eval(), classifier.to(device).eval(), impure.to(device)
+
+    def diffpure(**kw):
+        return DiffPurify(backbone, t_star=0.1, **kw)
+
+    configs: dict[str, Callable[[bool], nn.Module]] = {
+        "DiffPurify ref (t*=0.1, 100 steps)": lambda ck: diffpure(checkpoint=ck),
+        "DiffPurify (10 steps)": lambda ck: diffpure(steps=10, checkpoint=ck),
+        "SaliencyDiffPurify default (spacing 20)": lambda ck: SaliencyDiffPurify(backbone, classifier, checkpoint=ck),
+        "SaliencyDiffPurify ref (spacing 2)": lambda ck: SaliencyDiffPurify(backbone, classifier, spacing=2,
+                                                                            checkpoint=ck),
+        "SSNIPurify on DiffPurify ref (T'=20)": lambda ck: SSNIPurify(diffpure(checkpoint=ck), stats=stats),
+        "IMPurify": lambda ck: impure,
+    }
+    return backbone, classifier, impure, channels, configs
+
+
+def measure_purifier(make: Callable[[bool], nn.Module], x: Tensor, y: Tensor, classifier: nn.Module,
+                     weights: list[nn.Module], t_fwd: float, bare_bytes: int | None, repeats: int) -> dict:
+    """One purifier configuration at one batch: NFE, time, overhead and (if ``bare_bytes``) memory."""
+    device, batch = x.device, len(x)
+    purifier = make(False).to(device)
+    with torch.no_grad(), count_nfe() as counter:
+        purifier.purify(x, seeded(device))
+    with torch.no_grad():
+        seconds = median_seconds(lambda: purifier.purify(x, seeded(device)), repeats, device)
+        entry = {"nfe": counter.count, "seconds_per_image": seconds / batch, "images_per_s": batch / seconds}
+        if counter.count:
+            entry["overhead"] = seconds / (counter.count * t_fwd)
+        if isinstance(purifier, SaliencyDiffPurify):
+            t_mask = median_seconds(lambda: purifier.compute_mask(x), repeats, device)
+            entry["saliency_mask_s"] = t_mask
+            entry["overhead_without_classifier"] = (seconds - t_mask) / (counter.count * t_fwd)
+        if isinstance(purifier, SSNIPurify):
+            t_score = median_seconds(lambda: purifier.score_norm(x), repeats, device)
+            t_base = median_seconds(lambda: purifier.base.purify(x, seeded(device)), repeats, device)
+            entry["score_norm_over_base"] = t_score / t_base
+    if bare_bytes is not None:
+        def attack_loss(z: Tensor, p: nn.Module = purifier) -> Tensor:
+            return F.cross_entropy(classifier(p(z)), y)
+
+        entry["attack_step_bytes"] = step_memory(attack_loss, x, weights)
+        if isinstance(purifier, (DiffPurify, SaliencyDiffPurify, SSNIPurify)):
+            stored = step_memory(functools.partial(attack_loss, p=make(True).to(device)), x, weights)
+            # CPU: the saved bytes plus the one backbone segment recomputed at a time
+            entry["attack_step_bytes_checkpointed"] = stored + (bare_bytes if device.type == "cpu" else 0)
+            entry["checkpointed_over_backbone"] = entry["attack_step_bytes_checkpointed"] / bare_bytes
+    return entry
+
+
+def measure_batch(batch: int, backbone: nn.Module, classifier: nn.Module, channels: int, configs: dict,
+                  weights: list[nn.Module], args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    x = torch.rand(batch, channels, *backbone.sample_size, generator=torch.Generator().manual_seed(batch)).to(device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    t = network_timestep(torch.full((batch,), 100, device=device))
+    with torch.no_grad():
+        t_fwd = median_seconds(lambda: backbone(x, t), args.repeats, device)
+        t_cls = median_seconds(lambda: classifier(x), args.repeats, device)
+    row = {"backbone_forward_s": t_fwd, "classifier_forward_s": t_cls, "purifiers": {}}
+    bare = None
+    if batch in args.memory_batches:
+        bare = row["backbone_fwd_bwd_bytes"] = step_memory(lambda z: backbone(z, t).square().mean(), x, weights)
+    for name, make in configs.items():
+        if args.only and not any(key in name for key in args.only):
+            continue
+        entry = row["purifiers"][name] = measure_purifier(make, x, y, classifier, weights, t_fwd, bare, args.repeats)
+        print(f"batch {batch:4d}  {name:42s} " + "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
+    return row
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    backbone, classifier, impure, channels, configs = build(args.backbone, device)
+    results = {"backbone": args.backbone, "device": str(device), "threads": torch.get_num_threads(),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "backbone_parameters": sum(p.numel() for p in backbone.parameters()), "batches": {}}
+    weights = [backbone, classifier, impure]
+    for batch in args.batches:
+        results["batches"][str(batch)] = measure_batch(batch, backbone, classifier, channels, configs, weights, args)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [f"backbone `{results['backbone']}` ({results['backbone_parameters'] / 1e6:.2f}M parameters), "
+             f"{results['device']}, {results['machine']}", "",
+             "| batch | purifier | NFE | ms / image | images / s | overhead | attack-step MiB (ckpt) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for batch, row in results["batches"].items():
+        for name, e in row["purifiers"].items():
+            overhead = f"{e['overhead']:.2f}" if "overhead" in e else "-"
+            if "overhead_without_classifier" in e:
+                overhead += f" ({e['overhead_without_classifier']:.2f} w/o mask)"
+            memory = f"{e['attack_step_bytes'] / 2**20:.1f}" if "attack_step_bytes" in e else "-"
+            if "attack_step_bytes_checkpointed" in e:
+                memory += (f" ({e['attack_step_bytes_checkpointed'] / 2**20:.1f}; "
+                           f"{e['checkpointed_over_backbone']:.2f}x backbone)")
+            lines.append(f"| {batch} | {name} | {e['nfe']} | {1000 * e['seconds_per_image']:.2f} | "
+                         f"{e['images_per_s']:.1f} | {overhead} | {memory} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="fashion-mnist", help="fashion-mnist (bundled) or a registry name")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--memory-batches", type=int, nargs="*", default=[16])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="measure only purifiers whose name contains one of these")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"cost-{args.backbone}-{torch.device(args.device).type}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Small image classifiers trained by purifytf (the embedded Fashion-MNIST default's target model)."""
+
+from __future__ import annotations
+
+from huggingface_hub import PyTorchModelHubMixin
+from torch import Tensor, nn
+
+__all__ = ["SmallCNN"]
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
+               tags=["image-classification", "purifytf"]):
+    """Two VGG-style stages (2 x conv3x3-BN-ReLU, max-pool) and a two-layer head.
+
+    Args:
+        in_channels: image channels.
+        num_classes: logits.
+        width: channels of the first stage (the second has ``2 * width``).
+        image_size: input side (a multiple of 4); the head sees ``(image_size / 4)^2`` positions.
+        hidden: units of the hidden head layer.
+
+    Input (B, in_channels, image_size, image_size) in [0, 1]; output logits (B, num_classes).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, image_size: int = 28,
+                 hidden: int = 128, dropout: float = 0.25):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.stage1 = nn.Sequential(_conv_block(in_channels, width), _conv_block(width, width), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(_conv_block(width, 2 * width), _conv_block(2 * width, 2 * width), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (image_size // 4) ** 2, hidden),
+                                  nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stage2(self.stage1(x * 2 - 1)))

@@ -1,0 +1,177 @@
+"""The training loop every recipe shares: seeded batches, AdamW with warm-up + cosine, resumable checkpoints.
+
+A recipe subclasses :class:`Trainer` and implements :meth:`Trainer.losses`. Randomness (batch order and
+every draw of a step) comes from generators seeded by ``(seed, step)``, so a run resumed from a
+checkpoint repeats the uninterrupted run exactly. A checkpoint directory holds the model as
+:meth:`Trainer.save_model` writes it (``config.json`` + ``model.safetensors``) plus ``training_state.pt``
+(step, optimizer, scheduler, recipe extras; read with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+__all__ = ["STATE_FILE", "OptimConfig", "Trainer", "lr_factor", "step_generator"]
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimisation settings shared by every recipe (defaults: MAE/IMPure's AdamW settings)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    base_lr: float = 1e-4
+    lr: float | None = None
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    checkpoint_every: int = 500
+    num_workers: int = 0
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or ``base_lr * batch_size / 256``."""
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every random draw of training step ``step``."""
+    return torch.Generator().manual_seed(_seed(seed, 1, step))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class Trainer:
+    """Trains ``network`` (a part of ``model``, or all of it) on ``data`` with ``config``.
+
+    Args:
+        model: what a checkpoint saves (anything with ``save_pretrained``, or override :meth:`save_model`).
+        network: the parameters optimised (weight decay skips biases and norms).
+        data: map-style dataset of ``(image (C, H, W) in [0, 1], label)``.
+        config: :class:`OptimConfig` (or a recipe's subclass).
+    """
+
+    desc = "train"
+
+    def __init__(self, model: nn.Module, network: nn.Module, data: Dataset, config: OptimConfig):
+        if len(data) < config.batch_size:
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data)} training images")
+        self.model = model
+        self.network = network
+        self.data = data
+        self.config = config
+        self.step = 0
+        groups = param_groups_weight_decay(network, config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config.warmup_steps, config.steps))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    # --- data ----------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> list[int]:
+        """The images of step ``step``: a seeded permutation per epoch, cut into full batches."""
+        per_epoch = len(self.data) // self.config.batch_size
+        epoch, k = divmod(step, per_epoch)
+        generator = torch.Generator().manual_seed(_seed(self.config.seed, 0, epoch))
+        perm = torch.randperm(len(self.data), generator=generator)
+        return perm[k * self.config.batch_size: (k + 1) * self.config.batch_size].tolist()
+
+    def batches(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        sampler = (self.batch_indices(step) for step in range(start, stop))
+        return iter(DataLoader(self.data, batch_sampler=sampler, num_workers=self.config.num_workers))
+
+    # --- optimisation --------------------------------------------------------------------------
+    def losses(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """The recipe's losses on a batch (B, C, H, W) in [0, 1] with labels (B,); summed for the step."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (e.g. an EMA update)."""
+
+    def train_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+        """One optimisation step on a batch; returns the losses."""
+        self.network.train()
+        generator = step_generator(self.config.seed, self.step)
+        losses = self.losses(images.to(self.device), labels.to(self.device), generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.after_step()
+        return {name: value.item() for name, value in losses.items()}
+
+    def fit(self, out_dir: str | Path | None = None, stop: int | None = None,
+            progress: bool = True) -> list[dict[str, float]]:
+        """Train from the current step to ``stop`` (default ``config.steps``), checkpointing to ``out_dir``.
+
+        Checkpoints every ``config.checkpoint_every`` steps and at the end. Returns the losses per step.
+        """
+        stop = self.config.steps if stop is None else stop
+        history = []
+        with tqdm(total=stop, initial=self.step, desc=self.desc, disable=not progress) as bar:
+            for images, labels in self.batches(self.step, stop):
+                history.append(self.train_step(images, labels))
+                bar.set_postfix({name: f"{value:.4f}" for name, value in history[-1].items()}, refresh=False)
+                bar.update()
+                if out_dir is not None and (self.step % self.config.checkpoint_every == 0 or self.step == stop):
+                    self.save(out_dir)
+        self.network.eval()
+        return history
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_model(self, directory: Path) -> None:
+        """Write the model (``config.json`` + ``model.safetensors``) to ``directory``."""
+        self.model.save_pretrained(directory)
+
+    def extra_state(self) -> dict[str, object]:
+        """Recipe state beyond the optimiser's that resuming needs (tensors and plain values)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, object]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    def save(self, directory: str | Path) -> None:
+        """Write the model and ``training_state.pt`` to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_model(directory)
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "config": dataclasses.asdict(self.config), "extra": self.extra_state()}
+        torch.save(state, directory / STATE_FILE)
+
+    def load(self, directory: str | Path) -> None:
+        """Resume from a checkpoint of :meth:`save` (the model must have the same architecture)."""
+        directory = Path(directory)
+        safetensors.torch.load_model(self.model, directory / "model.safetensors", strict=True, device=str(self.device))
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.load_extra_state(state["extra"])
