@@ -100,7 +100,12 @@ class Purifier(
 
     Attributes:
         last_nfe: network evaluations per image of the last call.
+        card_data: Hub card metadata beyond the mixin's (``datasets``, ``base_model``, ``metrics``, ...),
+            written into the ``README.md`` of ``save_pretrained``/``push_to_hub``; the pretrained entry
+            points fill it from their weights (see :func:`purifytf.hub.model_card`).
     """
+
+    CARD_KEYS = ("datasets", "license", "base_model", "metrics", "pipeline_tag")
 
     _transformed_types = (_is_image_like,)
 
@@ -113,6 +118,15 @@ class Purifier(
         super().__init__()
         self.seed = seed
         self.last_nfe = 0
+        self.card_data: dict = {}
+
+    def generate_model_card(self, *args, **kwargs):
+        """The mixin's card (``library_name``, ``tags``, ``license``) plus :attr:`card_data`."""
+        card = super().generate_model_card(*args, **kwargs)
+        for key in self.CARD_KEYS:
+            if key in self.card_data:
+                setattr(card.data, key, self.card_data[key])
+        return card
 
     # --- what subclasses provide -------------------------------------------------------------
     @property

@@ -249,19 +249,15 @@ def load_backbone_dir(directory: str | Path, map_location: str | torch.device = 
 
 
 def model_card(purifier: Any, weights: str | Weights | None = None, **card_data: Any) -> ModelCard:
-    """The purifier's Hub card (``library_name``, ``tags`` from the mixin) plus the metadata of its backbone
-    ``weights`` (``datasets``, ``license``, ``base_model``) and ``card_data`` (e.g. ``metrics``).
+    """Set the purifier's Hub card metadata (``purifier.card_data``) from its backbone ``weights``
+    (``datasets``, ``license``, ``base_model``) and ``card_data`` (e.g. ``metrics``); return its card.
 
-    Save it as ``README.md`` in the folder before ``save_pretrained`` (which keeps an existing card), or
-    ``card.push_to_hub(repo_id)``.
+    ``save_pretrained``/``push_to_hub`` then write the same card as ``README.md``.
     """
-    card = purifier.generate_model_card()
-    meta = dict(get_weights(weights).card) if weights is not None else {}
-    meta.update(card_data)
-    for key in ("datasets", "license", "base_model", "metrics", "pipeline_tag"):
-        if key in meta:
-            setattr(card.data, key, meta[key])
-    return card
+    meta = {k: v for k, v in (get_weights(weights).card if weights is not None else {}).items()
+            if k in purifier.CARD_KEYS}
+    purifier.card_data = {**purifier.card_data, **meta, **card_data}
+    return purifier.generate_model_card()
 
 
 # --- the registry ---------------------------------------------------------------------------------

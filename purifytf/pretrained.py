@@ -13,7 +13,7 @@ import json
 
 from torch import nn
 
-from .hub import companion_file, get_weights, load_backbone, untrained_backbone
+from .hub import companion_file, get_weights, load_backbone, model_card, untrained_backbone
 from .models.classifiers import SmallCNN
 from .purifiers.diffpure import DiffPurify
 from .purifiers.impure import IMPurify
@@ -23,6 +23,12 @@ from .purifiers.ssni import SSNIPurify
 __all__ = ["diff_purify", "fashion_mnist_cnn", "im_purify", "saliency_diff_purify", "ssni_purify"]
 
 DEFAULT_WEIGHTS = "fashion-mnist"
+
+
+def _carded(purifier, weights: str):
+    """``purifier`` with the Hub card metadata of ``weights`` (what ``save_pretrained`` writes)."""
+    model_card(purifier, weights, metrics=["accuracy"])
+    return purifier
 
 
 def _backbone(pretrained: bool, weights: str):
@@ -54,7 +60,8 @@ def diff_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, **kwar
         **kwargs: :class:`purifytf.DiffPurify` arguments (``t_star``, ``steps``, ``sampler``, ``seed``, ...),
             overriding the variant's paper settings.
     """
-    return DiffPurify(_backbone(pretrained, weights), **{**get_weights(weights).purifier_kwargs, **kwargs})
+    purifier = DiffPurify(_backbone(pretrained, weights), **{**get_weights(weights).purifier_kwargs, **kwargs})
+    return _carded(purifier, weights)
 
 
 def saliency_diff_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS,
@@ -72,7 +79,7 @@ def saliency_diff_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHT
         if "classifier" not in get_weights(weights).companions:
             raise TypeError(f"saliency_diff_purify(weights={weights!r}) needs classifier=<the model to defend>")
         classifier = fashion_mnist_cnn(pretrained=pretrained, weights=weights)
-    return SaliencyDiffPurify(_backbone(pretrained, weights), classifier, **kwargs)
+    return _carded(SaliencyDiffPurify(_backbone(pretrained, weights), classifier, **kwargs), weights)
 
 
 def ssni_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, base: nn.Module | None = None,
@@ -91,7 +98,7 @@ def ssni_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, base: 
     if pretrained and "stats" not in kwargs and "ssni_stats" in get_weights(weights).companions:
         saved = json.loads(companion_file(weights, "ssni_stats").read_text())
         kwargs = {"eps_steps": saved.pop("eps_steps"), "stats": saved, **kwargs}
-    return SSNIPurify(base, **kwargs)
+    return _carded(SSNIPurify(base, **kwargs), weights)
 
 
 def im_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, **kwargs) -> IMPurify:
@@ -105,4 +112,4 @@ def im_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, **kwargs
     """
     if not pretrained:
         return IMPurify(**kwargs)
-    return IMPurify.from_pretrained(companion_file(weights, "impure"), **kwargs)
+    return _carded(IMPurify.from_pretrained(companion_file(weights, "impure"), **kwargs), weights)

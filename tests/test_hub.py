@@ -219,3 +219,13 @@ def test_model_card_metadata(tiny_hf_weights):
     assert card.data.datasets == ["cifar10"] and card.data.license == "apache-2.0"
     assert card.data.metrics == ["accuracy"]
     assert "datasets:" in str(card)
+
+
+def test_save_pretrained_writes_the_full_card(tiny_hf_weights, tmp_path):  # noqa: F811
+    from purifytf import pretrained
+
+    purifier = pretrained.diff_purify(pretrained=True, weights="tiny-ddpm")
+    purifier.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    for line in ("library_name: purifytf", "- cifar10", "- accuracy", "license: apache-2.0"):
+        assert line in card
