@@ -4,6 +4,8 @@ Every number of one backbone comes from one run, so the ratios hold on a noisy m
 
     python benchmarks/cost.py --backbone fashion-mnist --batches 1 16 128
     python benchmarks/cost.py --backbone ddpm-cifar10-32 --batches 1 16 --repeats 3   # random weights
+    python benchmarks/cost.py --backbone guided-diffusion-256-uncond --device cuda --batches 1 16 \
+        --autocast bf16 --channels-last --compile                                   # GPU options
 
 Results go to ``benchmarks/results/cost-<backbone>-<device>.json`` and a markdown table on stdout.
 
@@ -88,6 +90,15 @@ def step_memory(loss_fn: Callable[[Tensor], Tensor], x: Tensor, weights: list[nn
         torch.cuda.synchronize(x.device)
         return torch.cuda.max_memory_allocated(x.device) - base
     return saved_bytes(lambda: loss_fn(x), weights)
+
+
+def optimise(backbone: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The GPU options: channels_last memory format and ``torch.compile`` of the network."""
+    if args.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        backbone.unet = torch.compile(backbone.unet)  # DiffusersUNet and GuidedDiffusionUNet both hold .unet
+    return backbone
 
 
 def build(backbone_name: str, device: torch.device):
@@ -183,13 +194,18 @@ def measure_batch(batch: int, backbone: nn.Module, classifier: nn.Module, channe
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     backbone, classifier, impure, channels, configs = build(args.backbone, device)
-    results = {"backbone": args.backbone, "device": str(device), "threads": torch.get_num_threads(),
+    optimise(backbone, args)
+    results = {"options": {k: getattr(args, k) for k in ("autocast", "channels_last", "compile")},
+               "backbone": args.backbone, "device": str(device), "threads": torch.get_num_threads(),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "backbone_parameters": sum(p.numel() for p in backbone.parameters()), "batches": {}}
     weights = [backbone, classifier, impure]
-    for batch in args.batches:
-        results["batches"][str(batch)] = measure_batch(batch, backbone, classifier, channels, configs, weights, args)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for batch in args.batches:
+            results["batches"][str(batch)] = measure_batch(batch, backbone, classifier, channels, configs, weights,
+                                                           args)
     return results
 
 
@@ -221,12 +237,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="measure only purifiers whose name contains one of these")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone network")
+    parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"cost-{args.backbone}-{torch.device(args.device).type}.json"
+    path = RESULTS / f"cost-{args.backbone}-{torch.device(args.device).type}{args.tag}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     print(f"wrote {path}")

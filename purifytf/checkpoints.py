@@ -30,13 +30,23 @@ __all__ = [
     "guided_diffusion_schedule",
     "load_state_dict_file",
     "schedule_from_diffusers",
+    "score_sde_ema_state",
 ]
 
 StateDict = dict[str, Tensor]
 
 
+def _is_score_sde_checkpoint(obj: Any) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("ema"), dict)
+            and isinstance(obj["ema"].get("shadow_params"), list))
+
+
 def load_state_dict_file(path: str | Path, map_location: str | torch.device = "cpu") -> StateDict:
     """Read a flat ``{name: tensor}`` file: ``.safetensors``, else a ``weights_only`` torch pickle.
+
+    A score_sde training checkpoint ``{'model', 'ema', 'optimizer', 'step'}`` comes back flattened to
+    ``model.<key>`` and ``ema.shadow_params.<i>`` tensors (optimizer state and counters dropped), the input of
+    the ``"score_sde"`` layout in :data:`FORMATS`.
 
     Raises ``ValueError`` naming the file when it is corrupt or truncated, holds anything but tensors,
     or is a pickle that would need to run code to load (refused, never executed).
@@ -55,6 +65,9 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
                              f"(only safetensors and torch.load(weights_only=True) files are read): {err}") from err
         except (RuntimeError, EOFError) as err:
             raise ValueError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {err}") from err
+        if _is_score_sde_checkpoint(state):
+            state = {**_under("model.", state["model"]),
+                     **{f"ema.shadow_params.{i}": p for i, p in enumerate(state["ema"]["shadow_params"])}}
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a flat state_dict of tensors, got {type(state).__name__}")
     return state
@@ -79,13 +92,40 @@ def _under(prefix: str, state_dict: StateDict) -> StateDict:
     return {prefix + k: v for k, v in state_dict.items()}
 
 
+_SCORE_SDE_BUFFERS = ("sigmas",)
+
+
+def score_sde_ema_state(state_dict: StateDict) -> StateDict:
+    """A score_sde training checkpoint, as :func:`load_state_dict_file` flattens it -> the ``NCSNpp`` state_dict
+    with the EMA weights (those score_sde evaluates and DiffPure purifies with, ``ema.copy_to``).
+
+    The unnamed ``ema.shadow_params`` list is matched by position to the network's parameters: the ``model`` keys
+    (``module.`` prefix stripped) less the buffer ``sigmas``, which is taken from ``model``. Key order is ``model``'s.
+    """
+    model = _strip_prefix({k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")},
+                          "module.")
+    names = [k for k in model if k not in _SCORE_SDE_BUFFERS]
+    num_shadow = sum(k.startswith("ema.shadow_params.") for k in state_dict)
+    shadow = [state_dict[f"ema.shadow_params.{i}"] for i in range(num_shadow)]
+    if not names or len(shadow) != len(names):
+        raise ValueError(f"not a score_sde checkpoint: {len(shadow)} EMA tensors for {len(names)} model parameters "
+                         "(expected 'model' and 'ema.shadow_params' of the same network)")
+    for name, p in zip(names, shadow, strict=True):
+        if p.shape != model[name].shape:
+            raise ValueError(f"score_sde EMA tensor for {name!r} has shape {tuple(p.shape)}, "
+                             f"the model's {tuple(model[name].shape)}")
+    return {**model, **dict(zip(names, shadow, strict=True))}
+
+
 FORMATS: dict[str, Callable[[StateDict], StateDict]] = {
     "purifytf": lambda sd: sd,
     "diffusers_unet": lambda sd: _under("unet.", diffusers_legacy_to_current(sd)),
     "guided_diffusion": lambda sd: _under("unet.", _strip_prefix(sd, "module.")),
+    "score_sde": lambda sd: _under("model.", score_sde_ema_state(sd)),
 }
 """Checkpoint layout -> function mapping its state_dict onto the backbone's (:class:`~purifytf.diffusion.
-DiffusersUNet`, :class:`~purifytf.diffusion.guided_unet.GuidedDiffusionUNet`, or a purifytf file as is)."""
+DiffusersUNet`, :class:`~purifytf.diffusion.guided_unet.GuidedDiffusionUNet`,
+:class:`~purifytf.diffusion.score_sde.ScoreSDEBackbone`, or a purifytf file as is)."""
 
 
 def convert_state_dict(fmt: str, state_dict: StateDict) -> StateDict:

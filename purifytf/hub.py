@@ -29,6 +29,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from .checkpoints import convert_state_dict, load_state_dict_file
 from .diffusion.backbones import Backbone, build_backbone, schedule_from_config
 from .diffusion.guided_unet import unet_kwargs_from_flags
+from .diffusion.score_sde import SCORE_SDE_CIFAR10_CONFIG
 
 __all__ = [
     "ASSETS",
@@ -60,6 +61,7 @@ class Weights:
         url, sha256: direct-download source and the file's sha256 (``None``: unknown, so a download
             needs ``check_hash=False``).
         bundled: path of a file shipped inside the package, relative to :data:`ASSETS`.
+            No source at all: no verified download is known; load a local copy with ``path=``.
         companions: models trained for the same data, bundled: ``{"classifier" | "impure" | "ssni_stats":
             path relative to ASSETS}`` (the target classifier, IMPurify, SSNI's score-norm statistics).
         purifier_kwargs: purifier settings the papers pair with this backbone (e.g. DiffPure's ``t_star``).
@@ -80,8 +82,8 @@ class Weights:
     card: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if sum(source is not None for source in (self.repo_id, self.url, self.bundled)) != 1:
-            raise ValueError(f"weights {self.name!r}: give exactly one of repo_id, url and bundled")
+        if sum(source is not None for source in (self.repo_id, self.url, self.bundled)) > 1:
+            raise ValueError(f"weights {self.name!r}: give at most one of repo_id, url and bundled")
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -181,7 +183,10 @@ def weights_file(
     offline = _offline(local_files_only)
     if w.repo_id is not None:
         return _hf_file(w, cache_dir, offline)
-    return _url_file(w, cache_dir, offline, check_hash)
+    if w.url is not None:
+        return _url_file(w, cache_dir, offline, check_hash)
+    raise FileNotFoundError(f"weights {w.name!r}: no verified download source is recorded ({w.card.get('source')}); "
+                            f"download the file yourself and pass path= (e.g. load_backbone({w.name!r}, path=...))")
 
 
 def bundled_file(relative: str | Path) -> Path:
@@ -228,14 +233,17 @@ def load_backbone(
     local_files_only: bool | None = None,
     check_hash: bool = True,
     map_location: str | torch.device = "cpu",
+    path: str | Path | None = None,
 ) -> Backbone:
     """Build the backbone of registered ``weights`` and load its checkpoint with ``strict=True``.
 
     The network is built on the ``meta`` device (no random initialisation), so loading costs about one
-    copy of the weights. Other arguments: see :func:`weights_file`.
+    copy of the weights. ``path``: a local copy of the checkpoint file (nothing is downloaded or
+    hashed); other arguments: see :func:`weights_file`.
     """
     w = get_weights(weights)
-    path = weights_file(w, cache_dir=cache_dir, local_files_only=local_files_only, check_hash=check_hash)
+    if path is None:
+        path = weights_file(w, cache_dir=cache_dir, local_files_only=local_files_only, check_hash=check_hash)
     state = convert_state_dict(w.format, load_state_dict_file(path))
     return _load_strict(w.config, state, f"{path} (weights {w.name!r}, {w.format} layout)", map_location)
 
@@ -313,6 +321,17 @@ register_weights(Weights(
     card={"datasets": ["imagenet-1k"], "license": "mit", "paper": "https://arxiv.org/abs/2105.05233",
           "description": "guided-diffusion (Dhariwal & Nichol, 2021) unconditional ImageNet 256x256 UNet with "
                          "learned sigma, 552.8M parameters; DiffPure's ImageNet backbone"},
+))
+
+register_weights(Weights(
+    name="score-sde-cifar10-ddpmpp-deep-continuous",
+    format="score_sde",
+    config=SCORE_SDE_CIFAR10_CONFIG,
+    purifier_kwargs={"t_star": 0.1},
+    card={"datasets": ["cifar10"], "license": "apache-2.0", "paper": "https://arxiv.org/abs/2011.13456",
+          "source": "score_sde_pytorch release, vp/cifar10_ddpmpp_deep_continuous/checkpoints/checkpoint_8.pth",
+          "description": "score_sde DDPM++ deep (Song et al., 2021), continuous VP SDE, CIFAR-10 32x32, 106.6M "
+                         "parameters, EMA weights; DiffPure's CIFAR-10 backbone"},
 ))
 
 register_weights(Weights(

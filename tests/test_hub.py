@@ -96,13 +96,14 @@ def tiny_hf_weights(offline_cache):
 
 
 def test_registry_lists_the_real_checkpoints(registry):
-    assert {"ddpm-cifar10-32", "guided-diffusion-256-uncond"} <= set(hub.list_weights())
+    assert {"ddpm-cifar10-32", "guided-diffusion-256-uncond", "score-sde-cifar10-ddpmpp-deep-continuous",
+            "fashion-mnist"} <= set(hub.list_weights())
     with pytest.raises(KeyError, match="unknown weights"):
         hub.get_weights("nope")
     with pytest.raises(ValueError, match="already registered"):
         hub.register_weights(hub.get_weights("ddpm-cifar10-32"))
-    with pytest.raises(ValueError, match="exactly one"):
-        hub.Weights(name="x", config={})
+    with pytest.raises(ValueError, match="at most one"):
+        hub.Weights(name="x", config={}, repo_id="a/b", url="https://example.com/x.pt")
     assert hub.get_weights("guided-diffusion-256-uncond").sha256 == hub.GUIDED_DIFFUSION_256_UNCOND_SHA256
 
 
