@@ -87,7 +87,8 @@ def main() -> None:
         if args.defences and not any(key in name for key in args.defences):
             continue
         purifier = make()
-        defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier, runs=args.runs)
+        defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier, runs=args.runs,
+                                 normalize=None)
         for threat in args.threats:
             norm, eps = THREATS[threat]
             start = time.perf_counter()

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
           f"steps={args.steps} eot={args.eot}, seed={args.seed}")
     rows, adversarial_for = [], {}
     for name, purifier in tqdm(defences.items(), desc="defences", disable=args.no_progress):
-        defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier)
+        defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier, normalize=None)
         bar = functools.partial(tqdm, desc=name, leave=False, disable=args.no_progress)
         result = pgd_eot_accuracy(defended, x_all, y_all, eps=args.eps, steps=args.steps, eot=args.eot,
                                   batch_size=args.batch_size, seed=args.seed, progress=bar)
@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         adversarial_for[name] = result["adversarial"]
     table = _table(rows, args)
     print(table)
+    print("A demonstration budget, far below the protocol (200 steps x 20 EOT, majority vote): not a robustness "
+          "claim. MODEL_CARD.md has the larger reduced evaluation; `purifytf eval` runs the protocol.")
 
     shown = slice(0, 6)
     saliency_name = "SaliencyDiffPurify"

@@ -9,6 +9,8 @@ embedded default that ships inside the package (works offline); ``"ddpm-cifar10-
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 from torch import nn
@@ -23,6 +25,12 @@ from .purifiers.ssni import SSNIPurify
 __all__ = ["diff_purify", "fashion_mnist_cnn", "im_purify", "saliency_diff_purify", "ssni_purify"]
 
 DEFAULT_WEIGHTS = "fashion-mnist"
+
+
+def _from_dir(cls, directory, **kwargs):
+    """``cls.from_pretrained(directory)`` without the mixin's "Loading weights from local directory" print."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return cls.from_pretrained(directory, **kwargs)
 
 
 def _carded(purifier, weights: str):
@@ -46,7 +54,7 @@ def fashion_mnist_cnn(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, 
     """
     if not pretrained:
         return SmallCNN(**kwargs).eval()
-    return SmallCNN.from_pretrained(companion_file(weights, "classifier"), **kwargs).eval()
+    return _from_dir(SmallCNN, companion_file(weights, "classifier"), **kwargs).eval()
 
 
 def diff_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, **kwargs) -> DiffPurify:
@@ -112,4 +120,4 @@ def im_purify(pretrained: bool = False, weights: str = DEFAULT_WEIGHTS, **kwargs
     """
     if not pretrained:
         return IMPurify(**kwargs)
-    return _carded(IMPurify.from_pretrained(companion_file(weights, "impure"), **kwargs), weights)
+    return _carded(_from_dir(IMPurify, companion_file(weights, "impure"), **kwargs), weights)
