@@ -10,8 +10,9 @@ Every number of one backbone comes from one run, so the ratios hold on a noisy m
 Results go to ``benchmarks/results/cost-<backbone>-<device>.json`` and a markdown table on stdout.
 
 - time: median of ``--repeats`` calls (after one warm-up) under ``torch.no_grad``; per image = / batch.
-- overhead: purifier time / (NFE x bare backbone forward time at the same batch). SaliencyDiffPurify's
-  classifier pass (the saliency mask) is timed on its own and reported apart.
+- overhead: purifier time / time spent inside the backbone's forward calls during that same call
+  (forward hooks; NFE x the bare forward time, measured without drift), and against a separately
+  timed bare forward. SaliencyDiffPurify's classifier pass (the saliency mask) is reported apart.
 - memory of one full-gradient attack step (cross-entropy of the defended classifier, backward to the
   input), with and without gradient checkpointing. CUDA: peak allocated bytes. CPU: the bytes autograd
   keeps for the backward pass (unique storages seen by ``saved_tensors_hooks``) plus, when
@@ -56,6 +57,49 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device)
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class Stopwatch:
+    """Seconds spent inside ``module``'s forward calls while active (forward hooks; CUDA synchronised)."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device, self.seconds = module, device, 0.0
+
+    def __enter__(self):
+        def start(*_):
+            sync(self.device)
+            self._start = time.perf_counter()
+
+        def stop(*_):
+            sync(self.device)
+            self.seconds += time.perf_counter() - self._start
+
+        self.seconds = 0.0
+        self._hooks = [self.module.register_forward_pre_hook(start), self.module.register_forward_hook(stop)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+
+def timed_calls(fn: Callable[[], object], repeats: int, device: torch.device,
+                parts: dict[str, nn.Module]) -> tuple[float, dict[str, float]]:
+    """Median seconds of ``fn()`` and the seconds spent inside each of ``parts`` during that call."""
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeats):
+        watches = {name: Stopwatch(module, device) for name, module in parts.items()}
+        for w in watches.values():
+            w.__enter__()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        runs.append((time.perf_counter() - start, {name: w.seconds for name, w in watches.items()}))
+        for w in watches.values():
+            w.__exit__()
+    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
 
 
 def seeded(device: torch.device) -> torch.Generator:
@@ -136,22 +180,28 @@ def build(backbone_name: str, device: torch.device):
     return backbone, classifier, impure, channels, configs
 
 
-def measure_purifier(make: Callable[[bool], nn.Module], x: Tensor, y: Tensor, classifier: nn.Module,
-                     weights: list[nn.Module], t_fwd: float, bare_bytes: int | None, repeats: int) -> dict:
-    """One purifier configuration at one batch: NFE, time, overhead and (if ``bare_bytes``) memory."""
+def measure_purifier(make: Callable[[bool], nn.Module], x: Tensor, y: Tensor, backbone: nn.Module,
+                     classifier: nn.Module, weights: list[nn.Module], t_fwd: float, bare_bytes: int | None,
+                     repeats: int) -> dict:
+    """One purifier configuration at one batch: NFE, time, overhead and (if ``bare_bytes``) memory.
+
+    ``overhead``: call time / time inside the backbone's forward calls of that same call (exact, no
+    drift between separate timings); ``overhead_vs_separate_forward``: call time / (NFE x ``t_fwd``).
+    """
     device, batch = x.device, len(x)
     purifier = make(False).to(device)
     with torch.no_grad(), count_nfe() as counter:
         purifier.purify(x, seeded(device))
     with torch.no_grad():
-        seconds = median_seconds(lambda: purifier.purify(x, seeded(device)), repeats, device)
+        parts = {"backbone": backbone, "classifier": classifier}
+        seconds, inside = timed_calls(lambda: purifier.purify(x, seeded(device)), repeats, device, parts)
         entry = {"nfe": counter.count, "seconds_per_image": seconds / batch, "images_per_s": batch / seconds}
-        if counter.count:
-            entry["overhead"] = seconds / (counter.count * t_fwd)
+        if isinstance(purifier, (DiffPurify, SaliencyDiffPurify, SSNIPurify)):  # IMPurify's network is not the backbone
+            entry["overhead"] = seconds / inside["backbone"]
+            entry["overhead_vs_separate_forward"] = seconds / (counter.count * t_fwd)
         if isinstance(purifier, SaliencyDiffPurify):
-            t_mask = median_seconds(lambda: purifier.compute_mask(x), repeats, device)
-            entry["saliency_mask_s"] = t_mask
-            entry["overhead_without_classifier"] = (seconds - t_mask) / (counter.count * t_fwd)
+            entry["saliency_mask_s"] = inside["classifier"]
+            entry["overhead_without_classifier"] = (seconds - inside["classifier"]) / inside["backbone"]
         if isinstance(purifier, SSNIPurify):
             t_score = median_seconds(lambda: purifier.score_norm(x), repeats, device)
             t_base = median_seconds(lambda: purifier.base.purify(x, seeded(device)), repeats, device)
@@ -185,7 +235,8 @@ def measure_batch(batch: int, backbone: nn.Module, classifier: nn.Module, channe
     for name, make in configs.items():
         if args.only and not any(key in name for key in args.only):
             continue
-        entry = row["purifiers"][name] = measure_purifier(make, x, y, classifier, weights, t_fwd, bare, args.repeats)
+        entry = row["purifiers"][name] = measure_purifier(make, x, y, backbone, classifier, weights, t_fwd, bare,
+                                                          args.repeats)
         print(f"batch {batch:4d}  {name:42s} " + "  ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
     return row
@@ -216,7 +267,7 @@ def markdown(results: dict) -> str:
              "|---:|---|---:|---:|---:|---:|---:|"]
     for batch, row in results["batches"].items():
         for name, e in row["purifiers"].items():
-            overhead = f"{e['overhead']:.2f}" if "overhead" in e else "-"
+            overhead = f"{e['overhead']:.2f}" if "overhead" in e and "IMPurify" not in name else "-"
             if "overhead_without_classifier" in e:
                 overhead += f" ({e['overhead_without_classifier']:.2f} w/o mask)"
             memory = f"{e['attack_step_bytes'] / 2**20:.1f}" if "attack_step_bytes" in e else "-"
@@ -241,9 +292,13 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone network")
     parser.add_argument("--tag", default="", help="suffix of the results file")
+    parser.add_argument("--markdown", type=Path, help="only print the table of this results file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     results = run(args)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"cost-{args.backbone}-{torch.device(args.device).type}{args.tag}.json"

@@ -94,8 +94,8 @@ def train_impure(args, out: Path) -> None:
     purifier = IMPurify(preset="tiny", in_channels=1).to(args.device)
     classifier = SmallCNN.from_pretrained(out / "classifier").to(args.device).eval()
     seconds = 0.0
-    stages = (("pretrain", args.impure_pretrain_steps, None), ("finetune", args.impure_finetune_steps,
-                                                                FeatureLoss(classifier, {"": 1.0})))
+    perceptual = FeatureLoss(classifier, {"": args.impure_perceptual_weight})  # L1 on the classifier's logits
+    stages = (("pretrain", args.impure_pretrain_steps, None), ("finetune", args.impure_finetune_steps, perceptual))
     for stage, steps, perceptual in stages:
         config = TrainConfig(stage=stage, steps=steps, batch_size=64, lr=1e-3, warmup_steps=min(100, steps // 10),
                              seed=args.seed, checkpoint_every=10**9, attack_eps=8 / 255, attack_steps=5)
@@ -116,7 +116,7 @@ def record_impure(args, out: Path, seconds: float) -> None:
     with torch.no_grad():
         purified = torch.cat([purifier.purify(x.to(args.device), generator).cpu() for x in test.images.split(500)])
     record(out / "impure", args.seed, seconds, pretrain_steps=args.impure_pretrain_steps,
-           finetune_steps=args.impure_finetune_steps, batch_size=64,
+           finetune_steps=args.impure_finetune_steps, perceptual_weight=args.impure_perceptual_weight, batch_size=64,
            clean_accuracy_after_purification=accuracy(classifier, ArrayData(purified, test.labels)))
 
 
@@ -142,8 +142,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue the ddpm part from its checkpoint")
     parser.add_argument("--classifier-steps", type=int, default=2400)
     parser.add_argument("--ddpm-steps", type=int, default=4000)
-    parser.add_argument("--impure-pretrain-steps", type=int, default=1500)
-    parser.add_argument("--impure-finetune-steps", type=int, default=500)
+    parser.add_argument("--impure-pretrain-steps", type=int, default=1400)
+    parser.add_argument("--impure-finetune-steps", type=int, default=150)
+    parser.add_argument("--impure-perceptual-weight", type=float, default=0.05)
     parser.add_argument("--ssni-images", type=int, default=2000)
     args = parser.parse_args()
     if args.threads:
