@@ -1,0 +1,91 @@
+"""The embedded Fashion-MNIST default: the bundled models load through the entry points and do their job."""
+
+import json
+
+import pytest
+import torch
+
+from purifytf import hub, pretrained
+from purifytf.__main__ import main
+from purifytf.evaluation.data import load_dataset
+from purifytf.train.classifier import accuracy
+from purifytf.train.data import ArrayData
+from purifytf.train.ddpm import denoising_psnr
+
+PARTS = ("classifier", "ddpm", "impure", "ssni")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("bundled:fashion-mnist")
+
+
+def metrics(part):
+    return json.loads((hub.ASSETS / "fashion-mnist" / part / "metrics.json").read_text())
+
+
+def test_test_slice(data):
+    assert len(data) == 1000
+    assert data.images.shape == (1000, 1, 28, 28) and 0 <= data.images.min() and data.images.max() <= 1
+    assert torch.bincount(torch.as_tensor(data.labels)).min() >= 80  # every class is there
+
+
+def test_shipped_assets_fit_the_budget():
+    files = [p for p in (hub.ASSETS / "fashion-mnist").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".ckpt")]  # safetensors and JSON only
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_part_records_its_recipe(part):
+    recorded = metrics(part)
+    assert {"seed", "seconds", "machine", "device"} <= set(recorded)
+
+
+def test_classifier_accuracy(data):
+    classifier = pretrained.fashion_mnist_cnn(pretrained=True)
+    assert not classifier.training
+    assert accuracy(classifier, data) >= 0.90
+    assert metrics("classifier")["test_accuracy"] >= 0.90  # on all 10,000 test images
+
+
+def test_backbone_denoises(data):
+    backbone = pretrained.diff_purify(pretrained=True).backbone
+    images = data.images[:250]
+    psnr_100 = denoising_psnr(backbone, images, 100, torch.Generator().manual_seed(0))
+    psnr_200 = denoising_psnr(backbone, images, 200, torch.Generator().manual_seed(0))
+    assert psnr_100 > psnr_200 > 17  # noisy input alone at t=200 (abar ~ 0.68) is ~ 10 dB
+    assert psnr_100 == pytest.approx(metrics("ddpm")["psnr_t100"], abs=1.0)
+
+
+def test_impurify_reconstructs_as_recorded(data):
+    """The CPU-trained IMPurify is weak (see MODEL_CARD.md): this guards the shipped weights, not a target."""
+    purifier = pretrained.im_purify(pretrained=True, seed=0)
+    classifier = pretrained.fashion_mnist_cnn(pretrained=True)
+    subset = ArrayData(data.images[:300], data.labels[:300])
+    with torch.no_grad():
+        purified = ArrayData(purifier(subset.images), subset.labels)
+    recorded = metrics("impure")["clean_accuracy_after_purification"]
+    assert accuracy(classifier, purified) == pytest.approx(recorded, abs=0.08)
+    assert (purified.images - subset.images).abs().mean() < 0.15
+
+
+def test_ssni_uses_the_bundled_statistics(data):
+    saved = json.loads((hub.ASSETS / "fashion-mnist" / "ssni" / "stats.json").read_text())
+    purifier = pretrained.ssni_purify(pretrained=True, seed=0)
+    assert purifier.eps_steps == saved["eps_steps"]
+    assert purifier.stats["mean"] == pytest.approx(saved["mean"])
+    with torch.no_grad():
+        t_clean = purifier.noise_levels(data.images[:32]).float()
+        t_noisy = purifier.noise_levels((data.images[:32] + 0.15 * torch.randn(32, 1, 28, 28)).clamp(0, 1)).float()
+    assert t_noisy.mean() > t_clean.mean()  # inputs off the data manifold get more noise
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--images", "4", "--steps", "1", "--batch-size", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("no defence", "DiffPurify", "SaliencyDiffPurify", "SSNIPurify", "IMPurify", "JPEGPurify"):
+        assert f"| {row}" in printed
+    assert (out / "demo.png").stat().st_size > 10_000 and (out / "table.md").exists()
