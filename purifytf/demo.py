@@ -81,7 +81,7 @@ def _figure(path: Path, x: Tensor, adversarial: Tensor, mask: Tensor, purified: 
     for j, (title, images) in enumerate(columns.items()):
         for i in range(n):
             ax = fig.add_subplot(grid[i, j])
-            ax.imshow(images[i, 0].cpu(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
