@@ -23,6 +23,7 @@ Results go to ``benchmarks/results/cost-<backbone>-<device>.json`` and a markdow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -89,16 +90,13 @@ def timed_calls(fn: Callable[[], object], repeats: int, device: torch.device,
     fn()  # warm-up
     runs = []
     for _ in range(repeats):
-        watches = {name: Stopwatch(module, device) for name, module in parts.items()}
-        for w in watches.values():
-            w.__enter__()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        runs.append((time.perf_counter() - start, {name: w.seconds for name, w in watches.items()}))
-        for w in watches.values():
-            w.__exit__()
+        with contextlib.ExitStack() as stack:
+            watches = {name: stack.enter_context(Stopwatch(module, device)) for name, module in parts.items()}
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append((time.perf_counter() - start, {name: w.seconds for name, w in watches.items()}))
     return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
 
 
