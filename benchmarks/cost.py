@@ -27,7 +27,6 @@ import contextlib
 import functools
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,15 +48,8 @@ def sync(device: torch.device) -> None:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
+    return timed_calls(fn, repeats, device, {})[0]
 
 
 class Stopwatch:

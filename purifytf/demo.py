@@ -101,9 +101,8 @@ def _figure(path: Path, x: Tensor, adversarial: Tensor, mask: Tensor, purified: 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_dataset("bundled:fashion-mnist")
-    count = min(args.images, len(data))
-    x_all = torch.stack([data[i][0] for i in range(count)]).to(device)
-    y_all = torch.tensor([data[i][1] for i in range(count)], device=device)
+    x_all, y_all = data.images[: args.images].to(device), data.labels[: args.images].to(device)
+    count = len(x_all)
     classifier, defences = build_defences(args.diffpure_steps)
     classifier.to(device)
     print(f"purifytf demo: {count} Fashion-MNIST test images, {device}, PGD-EOT Linf eps={args.eps:.4f} "
