@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DefendedModel", "resolve_normalization"]
+from .base import Purifier
+
+__all__ = ["DefendedModel", "adapt_normalization", "input_channels", "resolve_normalization"]
 
 _VOTES = ("majority", "logits")
 
@@ -46,6 +48,35 @@ def resolve_normalization(classifier: nn.Module, normalize) -> Normalization | N
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def input_channels(module: nn.Module | None) -> int | None:
+    """Image channels ``module`` takes: a purifier's ``in_channels``, else the ``in_channels`` of its first
+    2-D convolution (timm, torchvision and most CNNs); ``None`` when unknown (any channel count)."""
+    if module is None:
+        return None
+    if isinstance(module, Purifier):
+        return module.in_channels
+    return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def adapt_normalization(normalization: Normalization | None, channels: int | None) -> Normalization | None:
+    """One (mean, std) value per input channel.
+
+    Rule: the values are kept when their count equals ``channels`` (or ``channels`` is unknown); for a
+    grey model (``channels == 1``) the mean and std become the means of the given values (the 3 ImageNet
+    values -> one, as timm's ``adapt_input_conv`` sums the RGB filters of a grey model); a single value is
+    repeated for every channel. Any other mismatch raises a ``ValueError`` naming both counts.
+    """
+    if normalization is None or channels is None or len(normalization[0]) == channels:
+        return normalization
+    mean, std = normalization
+    if channels == 1:
+        return (sum(mean) / len(mean),), (sum(std) / len(std),)
+    if len(mean) == 1:
+        return mean * channels, std * channels
+    raise ValueError(f"the normalisation has {len(mean)} values per statistic but the classifier takes {channels} "
+                     f"input channels: pass normalize=(mean, std) with {channels} values each, or None")
+
+
 class DefendedModel(nn.Module):
     """``classifier(normalize(purifier(x)))`` with the defence's voting and attack views.
 
@@ -56,7 +87,9 @@ class DefendedModel(nn.Module):
         runs: fresh purifications whose decisions are pooled by :meth:`predict`.
         vote: ``"majority"`` (most frequent label, ties to the smallest label) or ``"logits"``
             (argmax of the mean logits).
-        normalize: see :func:`resolve_normalization`; default ``"auto"`` (timm models).
+        normalize: see :func:`resolve_normalization`; default ``"auto"`` (timm models). Adapted to the
+            classifier's input channels by :func:`adapt_normalization` (e.g. ImageNet's 3 values -> their
+            means for a grey ``timm.create_model(..., in_chans=1)``).
         bpda: backward pass through the purifier as the identity (BPDA); the forward is unchanged.
 
     Like purifiers, the model stays in eval mode whatever ``train()`` says (no batch-norm updates
@@ -77,7 +110,8 @@ class DefendedModel(nn.Module):
         self.runs = runs
         self.vote = vote
         self.bpda = bpda
-        self.normalization = resolve_normalization(classifier, normalize)
+        channels = _check_channels(purifier, classifier)
+        self.normalization = adapt_normalization(resolve_normalization(classifier, normalize), channels)
         self.train(False)
 
     def train(self, mode: bool = True):
@@ -103,6 +137,9 @@ class DefendedModel(nn.Module):
         """[0, 1] images -> the classifier's input space."""
         if self.normalization is None:
             return x
+        if len(self.normalization[0]) not in (1, x.shape[-3]):
+            raise ValueError(f"images with {x.shape[-3]} channels, but the normalisation has "
+                             f"{len(self.normalization[0])} values per statistic")
         mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in self.normalization)
         return (x - mean) / std
 
@@ -122,3 +159,12 @@ class DefendedModel(nn.Module):
     def extra_repr(self) -> str:
         return f"runs={self.runs}, vote={self.vote!r}, normalization={self.normalization}, bpda={self.bpda}"
 
+
+
+def _check_channels(purifier: nn.Module | None, classifier: nn.Module) -> int | None:
+    """The classifier's input channels (else the purifier's); a ``ValueError`` if the two differ."""
+    purifier_channels, classifier_channels = input_channels(purifier), input_channels(classifier)
+    if None not in (purifier_channels, classifier_channels) and purifier_channels != classifier_channels:
+        raise ValueError(f"the purifier outputs {purifier_channels}-channel images but the classifier takes "
+                         f"{classifier_channels} input channels")
+    return classifier_channels if classifier_channels is not None else purifier_channels

@@ -9,7 +9,7 @@ from torchvision.models import ResNet18_Weights
 
 from purifytf import DiffPurify, OracleBackbone
 from purifytf.attacks import eot_gradient
-from purifytf.defended import DefendedModel, resolve_normalization
+from purifytf.defended import DefendedModel, adapt_normalization, input_channels, resolve_normalization
 
 
 def _linear(pixels: int = 16, classes: int = 3, scale: float = 1.0) -> nn.Module:
@@ -115,3 +115,36 @@ def test_predict_without_purifier_is_the_classifiers_argmax():
     classifier = _linear()
     x = torch.rand(3, 1, 4, 4)
     assert torch.equal(DefendedModel(None, classifier, runs=2, normalize=None).predict(x), classifier(x).argmax(-1))
+
+
+def test_grey_timm_model_gets_one_normalisation_value_per_channel():
+    """timm's in_chans=1 keeps the 3 ImageNet values in its pretrained_cfg: they become their means."""
+    classifier = timm.create_model("resnet18", in_chans=1, num_classes=10, pretrained=False).eval()
+    model = DefendedModel(None, classifier)
+    mean, std = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3
+    assert [pytest.approx(v) for v in model.normalization] == [(mean,), (std,)]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), classifier((x - mean) / std))
+
+
+def test_normalisation_adaptation_rule():
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert adapt_normalization(imagenet, 3) == imagenet
+    assert adapt_normalization(imagenet, None) == imagenet
+    assert adapt_normalization(((0.5,), (0.25,)), 3) == ((0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match="3 values per statistic but the classifier takes 4 input channels"):
+        DefendedModel(None, timm.create_model("resnet18", in_chans=4, num_classes=10), normalize=imagenet)
+
+
+def test_purifier_and_classifier_channel_mismatch_names_both_counts():
+    rgb = timm.create_model("resnet18", in_chans=3, num_classes=10)
+    assert input_channels(rgb) == 3 and input_channels(_ddim_purifier()) == 1
+    with pytest.raises(ValueError, match="purifier outputs 1-channel images but the classifier takes 3"):
+        DefendedModel(_ddim_purifier(), rgb)
+
+
+def test_images_that_do_not_fit_the_normalisation_are_refused():
+    model = DefendedModel(None, _linear(pixels=48), normalize=((0.5, 0.5), (0.2, 0.2)))  # channels unknown
+    with pytest.raises(ValueError, match="images with 3 channels, but the normalisation has 2 values"):
+        model(torch.rand(1, 3, 4, 4))
