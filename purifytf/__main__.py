@@ -1,4 +1,4 @@
-"""``purifytf`` command line: ``python -m purifytf {demo,eval,train} ...``.
+"""``purifytf`` command line: ``python -m purifytf {demo,eval,purify,train} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "demo": ("purifytf.demo", "run every purifier on the embedded default models"),
     "eval": ("purifytf.evaluation.cli", "robust accuracy under adaptive attacks"),
+    "purify": ("purifytf.purify", "purify PNG/JPEG files or folders"),
     "train": ("purifytf.train.cli", "train a purifier's network"),
 }
 

@@ -1,0 +1,94 @@
+"""``purifytf purify``: files and folders in, same names and sizes out, never over an input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from purifytf import DiffPurify, OracleBackbone, pretrained
+from purifytf.__main__ import main
+from purifytf.purify import read_image
+
+
+def _png(path, size=(20, 24), mode="L", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) + (() if mode == "L" else (3,))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return image.mode, image.size, np.asarray(image)
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "in"
+    return [_png(folder / "a.png", seed=1), _png(folder / "sub" / "b.png", seed=2)]
+
+
+def test_folder_output_is_the_python_api_result(tmp_path, images, capsys):
+    out = tmp_path / "out"
+    assert main(["purify", str(tmp_path / "in"), "--out", str(out), "--seed", "0", "--device", "cpu"]) == 0
+    assert "purified 2 images with SaliencyDiffPurify (10 network calls per image)" in capsys.readouterr().out
+    written = [out / "a.png", out / "sub" / "b.png"]
+    purifier = pretrained.saliency_diff_purify(pretrained=True, seed=0)
+    with torch.no_grad():
+        expected = purifier(torch.stack([read_image(p, 1) for p in images]))
+    for path, x in zip(written, expected, strict=True):
+        mode, size, array = _pixels(path)
+        assert mode == "L" and size == (20, 24)
+        np.testing.assert_array_equal(array, (x[0] * 255).round().byte().numpy())
+    assert not np.array_equal(_pixels(written[0])[2], _pixels(images[0])[2])
+
+
+def test_one_file_in_one_out_jpeg_and_progress(tmp_path, capsys):
+    source = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((30, 40), 128, np.uint8)).save(source)
+    before = source.read_bytes()
+    assert main(["purify", str(source), str(tmp_path / "clean.jpg"), "--batch-size", "1"]) == 0
+    mode, size, _ = _pixels(tmp_path / "clean.jpg")
+    assert mode == "L" and size == (40, 30) and source.read_bytes() == before
+    assert "purify: 100%" in capsys.readouterr().err  # the progress bar
+
+
+def test_never_overwrites_its_inputs(tmp_path, images, capsys):
+    before = [p.read_bytes() for p in images]
+    assert main(["purify", str(images[0]), "--out", str(images[0].parent), "--no-progress"]) == 2
+    assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert main(["purify", str(images[0]), str(images[0]), "--no-progress"]) == 2
+    assert [p.read_bytes() for p in images] == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.png", "--out", "o"], "no such file or folder"),
+    (["a.txt", "--out", "o"], "not a PNG or JPEG"),
+    (["in"], "--out FOLDER"),
+    (["in", "--out", "o", "--purifier", "resnet"], "unknown purifier 'resnet'"),
+    (["in", "--out", "o", "--batch-size", "0"], "--batch-size"),
+])
+def test_bad_arguments(tmp_path, images, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("not an image")
+    assert main(["purify", *args, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_channels_follow_the_purifier(tmp_path, capsys):
+    grey, colour = _png(tmp_path / "grey.png"), _png(tmp_path / "colour.png", mode="RGB")
+    assert main(["purify", str(colour), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "colour image, but the purifier takes 1-channel images (grey)" in capsys.readouterr().err
+    rgb = DiffPurify(OracleBackbone(torch.rand(4, 3, 8, 8)), t_star=0.1, steps=2, sampler="ddim")
+    rgb.save_pretrained(tmp_path / "rgb")
+    out = tmp_path / "rgb-out"
+    assert main(["purify", str(grey), str(colour), "--out", str(out), "--purifier", str(tmp_path / "rgb"),
+                 "--no-progress"]) == 0
+    assert [_pixels(out / name)[:2] for name in ("grey.png", "colour.png")] == [("RGB", (20, 24))] * 2
+
+
+def test_grey_stored_as_rgb_counts_as_grey(tmp_path):
+    path = tmp_path / "g.png"
+    Image.fromarray(np.full((4, 5, 3), 77, np.uint8)).save(path)
+    assert read_image(path, 1).shape == (1, 4, 5) and read_image(path, None).shape == (3, 4, 5)
