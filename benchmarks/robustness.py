@@ -6,7 +6,7 @@ purifications. The paper protocol is 200 steps x 20 EOT samples on >= 512 images
 this script runs a reduced budget, and every result records the budget it was measured with::
 
     python benchmarks/robustness.py --images 100 --steps 10 --eot 1 --runs 5 \\
-        --threats linf-8 --defences "DiffPurify ref" "SaliencyDiffPurify"     # accuracy vs NFE
+        --threats linf-8 --defences "DiffPurify" "SaliencyDiffPurify"     # accuracy vs NFE
     python benchmarks/robustness.py --images 100 --steps 10 --threats linf-8 linf-16 l2-0.5   # all defences
 
 Results: ``benchmarks/results/robustness-<tag>.json`` and a markdown table on stdout.
@@ -19,42 +19,18 @@ import functools
 import json
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from purifytf import BlurPurify, DefendedModel, JPEGPurify, pretrained
+from purifytf import DefendedModel, default_defences
+from purifytf.classifiers import fashion_mnist_cnn
 from purifytf.evaluation import load_dataset, pgd_eot_accuracy
+from purifytf.factory import defence_table
 
 RESULTS = Path(__file__).parent / "results"
 THREATS = {"linf-8": ("Linf", 8 / 255), "linf-16": ("Linf", 16 / 255), "l2-0.5": ("L2", 0.5)}
-
-
-def defences(classifier: nn.Module) -> dict[str, Callable[[], nn.Module | None]]:
-    """Table name -> factory of the purifier (``None``: no defence); all on the bundled backbone."""
-    def diffpure(**kw):
-        return pretrained.diff_purify(pretrained=True, **kw)
-
-    def saliency(**kw):
-        return pretrained.saliency_diff_purify(pretrained=True, classifier=classifier, **kw)
-
-    return {
-        "no defence": lambda: None,
-        "DiffPurify ref (t*=0.1, 100 steps)": diffpure,
-        "DiffPurify (t*=0.1, 10 steps)": lambda: diffpure(steps=10),
-        "SaliencyDiffPurify ref (spacing 2)": lambda: saliency(spacing=2),
-        "SaliencyDiffPurify (spacing 5)": lambda: saliency(spacing=5),
-        "SaliencyDiffPurify (spacing 10)": lambda: saliency(spacing=10),
-        "SaliencyDiffPurify default (spacing 20)": saliency,
-        "SSNIPurify (on DiffPurify, 10 steps)": lambda: pretrained.ssni_purify(pretrained=True,
-                                                                                base=diffpure(steps=10)),
-        "IMPurify": lambda: pretrained.im_purify(pretrained=True),
-        "JPEGPurify (q=75)": lambda: JPEGPurify(quality=75),
-        "BlurPurify (Gaussian)": lambda: BlurPurify(),
-    }
 
 
 def main() -> None:
@@ -76,17 +52,16 @@ def main() -> None:
     device = torch.device(args.device)
     data = load_dataset("bundled:fashion-mnist")
     x, y = data.images[: args.images].to(device), data.labels[: args.images].to(device)
-    classifier = pretrained.fashion_mnist_cnn(pretrained=True).to(device)
+    classifier = fashion_mnist_cnn(pretrained=True).to(device)
     results = {"budget": {k: getattr(args, k) for k in ("images", "steps", "eot", "runs", "seed")},
                "step": "2.5 * eps / steps", "device": str(device),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "rows": []}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"robustness-{args.tag}.json"
-    for name, make in defences(classifier).items():
-        if args.defences and not any(key in name for key in args.defences):
-            continue
-        purifier = make()
+    names = [name for name in defence_table() if not args.defences or any(key in name for key in args.defences)]
+    for name in names:
+        purifier = default_defences([name], classifier=classifier)[name]
         defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier, runs=args.runs,
                                  normalize=None)
         for threat in args.threats:

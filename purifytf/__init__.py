@@ -3,6 +3,7 @@
 from .base import Purifier
 from .defended import DefendedModel
 from .diffusion import Backbone, DiffusersUNet, GuidedDiffusionUNet, NoiseSchedule, OracleBackbone
+from .factory import create_purifier, default_defences, list_purifiers, load_purifier
 from .nfe import count_nfe
 from .purifiers import (
     BitDepthPurify,
@@ -36,4 +37,8 @@ __all__ = [
     "SSNIPurify",
     "SaliencyDiffPurify",
     "count_nfe",
+    "create_purifier",
+    "default_defences",
+    "list_purifiers",
+    "load_purifier",
 ]

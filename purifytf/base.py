@@ -10,58 +10,21 @@ device, resizing, tv_tensor types, seeding, NFE bookkeeping).
 """
 
 # No `from __future__ import annotations` here or in subclasses: the Hub mixin reads the
-# constructor's annotations at run time to decode config values.
-import inspect
-from contextvars import ContextVar
-
+# constructor's annotations at run time.
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
-from safetensors import SafetensorError
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .diffusion.backbones import Backbone, build_backbone
+from .config import Configurable
 from .diffusion.schedule import NoiseSchedule
 from .inputs import check_images
 from .nfe import count_nfe
 from .random import make_generator
 
-__all__ = ["Purifier", "HUB_CODERS", "clamp01", "purifier_class"]
-
-_PURIFIERS: dict[str, type] = {}
-
-
-def purifier_class(name: str) -> type:
-    """The purifier class registered under ``name`` (every ``Purifier`` subclass is)."""
-    if name not in _PURIFIERS:
-        raise ValueError(f"unknown purifier {name!r}; known: {sorted(_PURIFIERS)}")
-    return _PURIFIERS[name]
-
-
-def _encode_purifier(purifier) -> dict:
-    return {"class": type(purifier).__name__, "config": dict(purifier._hub_mixin_config)}
-
-
-_LOAD_KWARGS: ContextVar[dict | None] = ContextVar("purifytf_nested_load_kwargs", default=None)
-
-
-def _decode_purifier(data: dict):
-    """Rebuild a nested purifier; constructor arguments that cannot live in config.json (a classifier)
-    come from the outer ``from_pretrained(..., classifier=...)`` call."""
-    cls = purifier_class(data["class"])
-    params = cls._hub_mixin_init_parameters
-    kwargs = {k: cls._decode_arg(params[k].annotation, v) for k, v in data["config"].items() if k in params}
-    kwargs.update({k: v for k, v in (_LOAD_KWARGS.get() or {}).items() if k in params})
-    return cls(**kwargs)
-
-
-_HUB_DOWNLOAD_ARGS = frozenset(inspect.signature(PyTorchModelHubMixin.from_pretrained).parameters)
-
-HUB_CODERS: dict = {Backbone: (lambda backbone: backbone.config, build_backbone)}
-"""How constructor arguments that are networks or purifiers travel through ``config.json``."""
+__all__ = ["Purifier", "clamp01"]
 
 
 def clamp01(x: Tensor) -> Tensor:
@@ -78,13 +41,12 @@ def _is_image_like(inpt) -> bool:
 
 
 class Purifier(
-    PyTorchModelHubMixin,
+    Configurable,
     v2.Transform,
     library_name="purifytf",
     license="apache-2.0",
     tags=["adversarial-purification", "adversarial-robustness", "image-classification"],
     repo_url="https://github.com/purifytf/purifytf",
-    coders=HUB_CODERS,
 ):
     """Base class of all purifiers.
 
@@ -109,10 +71,7 @@ class Purifier(
 
     _transformed_types = (_is_image_like,)
 
-    def __init_subclass__(cls, **kwargs):
-        kwargs.setdefault("coders", HUB_CODERS)  # the mixin would reset coders on every subclass
-        super().__init_subclass__(**kwargs)
-        _PURIFIERS[cls.__name__] = cls
+    _abstract_config = True
 
     def __init__(self, seed: int | None = None):
         super().__init__()
@@ -185,29 +144,6 @@ class Purifier(
         self.training = mode
         return self
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, strict: bool = True, **kwargs):
-        """Load from a Hub repo id or a local directory (``config.json`` + ``model.safetensors``).
-
-        Unlike the mixin's default, loading is strict: missing or unexpected weights are an error.
-        Keyword arguments this class does not take (e.g. ``classifier=`` for a nested
-        ``SaliencyDiffPurify``) are handed to the nested purifiers that do.
-        """
-        own = cls._hub_mixin_init_parameters
-        nested = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and k not in _HUB_DOWNLOAD_ARGS}
-        token = _LOAD_KWARGS.set(nested)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
-        finally:
-            _LOAD_KWARGS.reset(token)
-
-    @classmethod
-    def _load_as_safetensor(cls, model, model_file, map_location, strict):
-        try:
-            return super()._load_as_safetensor(model, model_file, map_location, strict)
-        except SafetensorError as err:
-            raise ValueError(f"{model_file}: not a valid safetensors file (corrupt or truncated?): {err}") from err
-
     def _device_dtype(self, default_device: torch.device) -> tuple[torch.device, torch.dtype]:
         """Device of the model's tensors, and float64 if the model was made double, else float32.
 
@@ -220,5 +156,3 @@ class Purifier(
         weights = [t for t in tensors if id(t) not in schedules] or tensors
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 
-
-HUB_CODERS[Purifier] = (_encode_purifier, _decode_purifier)

@@ -1,6 +1,6 @@
 """``purifytf demo``: every purifier on the embedded Fashion-MNIST default, under an adaptive attack.
 
-Loads the bundled models through :mod:`purifytf.pretrained` (what ``torch.hub.load`` calls), attacks
+Builds the defences of :func:`purifytf.default_defences` (bundled models, :func:`purifytf.create_purifier`), attacks
 the first ``--images`` images of the bundled test slice with full-gradient PGD-EOT through each
 defence (classifier and purifier together, gradients exact through every sampling step), prints
 one table and writes a figure. The default budget is sized for about 3 minutes on 2 CPU cores and
@@ -18,10 +18,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .classifiers import fashion_mnist_cnn
 from .defended import DefendedModel
 from .evaluation.batched import pgd_eot_accuracy
 from .evaluation.data import load_dataset
-from .purifiers.classic import BlurPurify, JPEGPurify
+from .factory import default_defences
 
 __all__ = ["add_arguments", "build_defences", "run"]
 
@@ -41,20 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_defences(diffpure_steps: int = 10) -> tuple[nn.Module, dict[str, nn.Module | None]]:
-    """The bundled classifier and the demo's defences by table name (``None``: no defence)."""
-    from . import pretrained
-
-    classifier = pretrained.fashion_mnist_cnn(pretrained=True)
-    diffpure = pretrained.diff_purify(pretrained=True, steps=diffpure_steps)
-    return classifier, {
-        "no defence": None,
-        f"DiffPurify (t*=0.1, {diffpure_steps} steps)": diffpure,
-        "SaliencyDiffPurify": pretrained.saliency_diff_purify(pretrained=True, classifier=classifier),
-        "SSNIPurify (on DiffPurify)": pretrained.ssni_purify(pretrained=True, base=diffpure),
-        "IMPurify": pretrained.im_purify(pretrained=True),
-        "JPEGPurify (q=75)": JPEGPurify(quality=75),
-        "BlurPurify (Gaussian)": BlurPurify(),
-    }
+    """The bundled classifier and the demo's defences by table name (:func:`purifytf.default_defences`)."""
+    classifier = fashion_mnist_cnn(pretrained=True)
+    return classifier, default_defences(classifier=classifier, diffpure_steps=diffpure_steps)
 
 
 def _table(rows: list[dict], args: argparse.Namespace) -> str:

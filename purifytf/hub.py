@@ -15,7 +15,6 @@ saying how to get it. Files are read with safetensors or ``torch.load(weights_on
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from huggingface_hub import ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from .checkpoints import convert_state_dict, load_state_dict_file
+from .config import read_config
 from .diffusion.backbones import Backbone, build_backbone, schedule_from_config
 from .diffusion.guided_unet import unet_kwargs_from_flags
 from .diffusion.score_sde import SCORE_SDE_CIFAR10_CONFIG
@@ -35,6 +35,7 @@ __all__ = [
     "ASSETS",
     "GUIDED_DIFFUSION_256_UNCOND_SHA256",
     "Weights",
+    "backbone_config",
     "get_weights",
     "list_weights",
     "load_backbone",
@@ -54,7 +55,8 @@ class Weights:
 
     Args:
         name: registry key.
-        config: :func:`~purifytf.diffusion.build_backbone` config of the network the file fills.
+        config: :attr:`~purifytf.diffusion.Backbone.config` of the network the file fills (``None`` for
+            bundled weights: the ``config.json`` saved beside the file, see :func:`backbone_config`).
         format: the file's state_dict layout, a key of :data:`purifytf.checkpoints.FORMATS`.
         repo_id, revision, filenames: Hugging Face source; ``filenames`` are tried in order (paths
             inside the repo), the first one the repo has is used.
@@ -69,7 +71,7 @@ class Weights:
     """
 
     name: str
-    config: dict[str, Any]
+    config: dict[str, Any] | None = None
     format: str = "purifytf"
     repo_id: str | None = None
     revision: str = "main"
@@ -207,9 +209,19 @@ def companion_file(weights: str | Weights, name: str) -> Path:
     return bundled_file(w.companions[name])
 
 
+def backbone_config(weights: str | Weights) -> dict[str, Any]:
+    """The backbone config of ``weights``: the registered one, or the ``config.json`` beside bundled weights."""
+    w = get_weights(weights)
+    if w.config is not None:
+        return w.config
+    if w.bundled is None:
+        raise ValueError(f"weights {w.name!r} record no backbone config")
+    return read_config(bundled_file(w.bundled).parent)
+
+
 def untrained_backbone(weights: str | Weights) -> Backbone:
     """The backbone of ``weights``' architecture and schedule, randomly initialised (nothing downloaded)."""
-    return build_backbone(get_weights(weights).config)
+    return build_backbone(backbone_config(weights))
 
 
 def _load_strict(config: dict[str, Any], state: dict[str, torch.Tensor], source: str,
@@ -223,6 +235,7 @@ def _load_strict(config: dict[str, Any], state: dict[str, torch.Tensor], source:
     except RuntimeError as err:
         raise RuntimeError(f"{source} does not fit its backbone config: {err}") from err
     backbone.schedule = schedule_from_config(config.get("schedule")).to(map_location)  # to_empty wiped it
+    backbone.max_t = config.get("max_t")  # the schedule was replaced: restate the trained range
     return backbone.eval()
 
 
@@ -245,15 +258,12 @@ def load_backbone(
     if path is None:
         path = weights_file(w, cache_dir=cache_dir, local_files_only=local_files_only, check_hash=check_hash)
     state = convert_state_dict(w.format, load_state_dict_file(path))
-    return _load_strict(w.config, state, f"{path} (weights {w.name!r}, {w.format} layout)", map_location)
+    return _load_strict(backbone_config(w), state, f"{path} (weights {w.name!r}, {w.format} layout)", map_location)
 
 
 def load_backbone_dir(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
-    """A backbone saved as ``config.json`` + ``model.safetensors`` (what the DDPM recipe writes), strictly."""
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    state = load_state_dict_file(directory / "model.safetensors")
-    return _load_strict(config, state, str(directory / "model.safetensors"), map_location)
+    """A backbone saved with ``save_pretrained`` (what the DDPM recipe writes): ``Backbone.from_pretrained``."""
+    return Backbone.from_pretrained(directory, map_location=str(map_location))
 
 
 def model_card(purifier: Any, weights: str | Weights | None = None, **card_data: Any) -> ModelCard:
@@ -289,7 +299,7 @@ register_weights(Weights(
                "diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.bin"),
     format="diffusers_unet",
     config={
-        "kind": "diffusers_unet2d",
+        "_class_name": "DiffusersUNet",
         "schedule": {"kind": "linear", "num_steps": 1000},  # scheduler_config.json: linear 1e-4 .. 0.02
         "unet": {  # the repo's config.json
             "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
@@ -313,7 +323,7 @@ register_weights(Weights(
     sha256=GUIDED_DIFFUSION_256_UNCOND_SHA256,
     format="guided_diffusion",
     config={
-        "kind": "guided_diffusion_unet",
+        "_class_name": "GuidedDiffusionUNet",
         "schedule": {"kind": "linear", "num_steps": 1000},
         "unet": unet_kwargs_from_flags(_GUIDED_256_UNCOND_FLAGS),
     },
@@ -336,14 +346,7 @@ register_weights(Weights(
 
 register_weights(Weights(
     name="fashion-mnist",
-    bundled="fashion-mnist/ddpm/model.safetensors",
-    config={
-        "kind": "diffusers_unet2d",
-        "schedule": {"kind": "linear", "num_steps": 1000},
-        "unet": {"sample_size": 28, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 32, 64],
-                 "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3,
-                 "norm_num_groups": 8},
-    },
+    bundled="fashion-mnist/ddpm/model.safetensors",  # config: fashion-mnist/ddpm/config.json
     companions={"classifier": "fashion-mnist/classifier", "impure": "fashion-mnist/impure",
                 "ssni_stats": "fashion-mnist/ssni/stats.json", "test_slice": "fashion-mnist/test-slice.npz"},
     purifier_kwargs={"t_star": 0.1},

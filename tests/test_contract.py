@@ -117,7 +117,8 @@ def test_hub_round_trip(purifier, tmp_path, references):
     x = torch.rand(2, 1, 8, 8)
     purifier.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["backbone"]["kind"] == "oracle" and config["t_star"] == 0.05
+    assert config["backbone"]["_class_name"] == "OracleBackbone" and config["t_star"] == 0.05
+    assert config["_class_name"] == "DiffPurify"
     assert (tmp_path / "model.safetensors").is_file()
     card = (tmp_path / "README.md").read_text()
     assert "library_name: purifytf" in card and "adversarial-purification" in card
@@ -173,12 +174,12 @@ def test_diffusers_config_builds_the_hub_checkpoint_layout(formats_dir):
 
 
 def test_every_purifier_is_registered():
-    from purifytf.base import purifier_class
+    from purifytf.config import config_class
 
-    assert purifier_class("DiffPurify") is DiffPurify
+    assert config_class("DiffPurify") is DiffPurify
     assert issubclass(DiffPurify, Purifier)
-    with pytest.raises(ValueError, match="unknown purifier"):
-        purifier_class("Nope")
+    with pytest.raises(ValueError, match="unknown class"):
+        config_class("Nope")
 
 
 _TINY_UNET = {

@@ -173,7 +173,8 @@ def test_output_is_eps_so_score_sde_s_score_is_the_schedule_s():
 def test_config_round_trips_through_the_registry():
     backbone = small_backbone()
     config = json.loads(json.dumps(backbone.config))
-    assert config == {"kind": "score_sde_ncsnpp", "schedule": {"kind": "linear", "num_steps": 1000},
+    assert config == {"_class_name": "ScoreSDEBackbone", "max_t": 1000,
+                      "schedule": {"kind": "linear", "num_steps": 1000},
                       "model": {"in_channels": 3, "dropout": 0.1, **SMALL}, "sde": {"beta_min": B0, "beta_max": B1}}
     rebuilt = build_backbone(config).eval()
     assert isinstance(rebuilt, ScoreSDEBackbone) and rebuilt.config == config

@@ -1,6 +1,6 @@
 """Diffusion core: schedules, samplers and backbones, kept separate as in diffusers."""
 
-from .backbones import Backbone, DiffusersUNet, OracleBackbone, build_backbone, register_backbone
+from .backbones import Backbone, DiffusersUNet, OracleBackbone, build_backbone
 from .guided_unet import GuidedDiffusionUNet, GuidedUNetModel
 from .samplers import ddim_sample, ddim_step, timestep_grid
 from .schedule import NoiseSchedule, network_timestep
@@ -19,6 +19,5 @@ __all__ = [
     "ddim_sample",
     "ddim_step",
     "network_timestep",
-    "register_backbone",
     "timestep_grid",
 ]

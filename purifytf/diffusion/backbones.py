@@ -2,17 +2,18 @@
 
 Protocol: ``backbone(x_t, t) -> eps`` with ``x_t`` (B,C,H,W) in model space [-1, 1] and ``t``
 (B,) the 0-based training index (``schedule`` step ``t + 1``). Every backbone knows the schedule
-it was trained with, its channel count and its native resolution, and describes itself by a
-JSON ``config`` from which :func:`build_backbone` rebuilds it (weights travel in the state_dict).
+it was trained with, the largest step it was trained on (``max_t``), its channel count and its
+native resolution, and describes itself by a JSON ``config`` naming its class (the one
+configuration system of :mod:`purifytf.config`); weights travel in the state_dict.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the Hub mixin reads constructor annotations at run time.
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..config import Configurable
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -20,27 +21,14 @@ __all__ = [
     "OracleBackbone",
     "DiffusersUNet",
     "build_backbone",
-    "register_backbone",
     "schedule_config",
     "schedule_from_config",
 ]
 
-_BACKBONES: dict[str, type[Backbone]] = {}
 
-
-def register_backbone(cls: type[Backbone]) -> type[Backbone]:
-    """Class decorator: make ``cls`` buildable from its config under ``cls.kind``."""
-    _BACKBONES[cls.kind] = cls
-    return cls
-
-
-def build_backbone(config: dict[str, Any]) -> Backbone:
-    """Rebuild a backbone (random or empty weights) from :attr:`Backbone.config`."""
-    config = dict(config)
-    kind = config.pop("kind", None)
-    if kind not in _BACKBONES:
-        raise ValueError(f"unknown backbone kind {kind!r}; known: {sorted(_BACKBONES)}")
-    return _BACKBONES[kind].from_config(config)
+def build_backbone(config: dict[str, Any]) -> "Backbone":
+    """Rebuild a backbone (random weights) from its :attr:`Backbone.config`: ``Backbone.from_config``."""
+    return Backbone.from_config(config)
 
 
 def schedule_config(schedule: NoiseSchedule) -> dict[str, Any]:
@@ -57,24 +45,42 @@ def schedule_from_config(config: dict[str, Any] | None) -> NoiseSchedule:
     return NoiseSchedule(config["alphas_cumprod"])
 
 
-class Backbone(nn.Module):
-    """Base class: subclasses set ``kind``, implement ``_predict`` and ``from_config``.
+class Backbone(Configurable, nn.Module):
+    """Base class: subclasses implement ``_predict``, ``_config`` and ``_from_config``.
+
+    Config: ``{"_class_name", "schedule", "max_t", **_config()}``; ``_from_config`` rebuilds the
+    network from it (``schedule`` and ``max_t`` are restored by this class).
 
     Attributes:
         in_channels: image channels the network takes.
         sample_size: native (H, W), or ``None`` for fully convolutional use at any size.
         min_size: smallest side the network can process.
+        max_t: largest schedule step the network was trained on (default: all ``T``); diffusion
+            purifiers refuse noise levels beyond it.
+        kind: name in configs saved before purifytf 0.2 (read only to load those).
     """
 
     kind: ClassVar[str]
+    _abstract_config = True
 
     def __init__(self, in_channels: int, sample_size: tuple[int, int] | None, schedule: NoiseSchedule | None):
         super().__init__()
         self.in_channels = in_channels
         self.sample_size = tuple(sample_size) if sample_size is not None else None
         self.schedule = schedule if schedule is not None else NoiseSchedule.linear()
+        self._max_t: int | None = None
 
     min_size: int = 8
+
+    @property
+    def max_t(self) -> int:
+        return self.schedule.num_steps if self._max_t is None else min(self._max_t, self.schedule.num_steps)
+
+    @max_t.setter
+    def max_t(self, value: int | None) -> None:
+        if value is not None and not 1 <= value <= self.schedule.num_steps:
+            raise ValueError(f"max_t must be in [1, {self.schedule.num_steps}] (the schedule's T), got {value}")
+        self._max_t = value
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         """(B,C,H,W), (B,) -> eps (B,C,H,W); extra output channels (learned sigma) are dropped."""
@@ -85,17 +91,40 @@ class Backbone(nn.Module):
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "schedule": schedule_config(self.schedule), **self._config()}
+        return {"_class_name": type(self).__name__, "schedule": schedule_config(self.schedule), "max_t": self.max_t,
+                **self._config()}
 
     def _config(self) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Backbone:
+    def _from_config(cls, config: dict[str, Any]) -> "Backbone":
         raise NotImplementedError
 
+    @classmethod
+    def _build(cls, config: dict[str, Any], kwargs: dict[str, Any], used: set[str]) -> "Backbone":
+        backbone = cls._from_config(config)
+        backbone.max_t = config.get("max_t")
+        return backbone
 
-@register_backbone
+    @classmethod
+    def _legacy_class(cls, config: dict[str, Any]) -> type:
+        if "kind" not in config:
+            return super()._legacy_class(config)
+        kinds = {getattr(c, "kind", None): c for c in _subclasses(Backbone)}
+        if config["kind"] not in kinds:
+            raise ValueError(f"unknown backbone kind {config.get('kind')!r}; known: {sorted(filter(None, kinds))}")
+        return kinds[config["kind"]]
+
+    @classmethod
+    def _upgrade_legacy(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "kind"}
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
 class OracleBackbone(Backbone):
     """Exact optimal denoiser of the empirical distribution of a reference set.
 
@@ -135,12 +164,11 @@ class OracleBackbone(Backbone):
                 "size": list(self.sample_size)}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> OracleBackbone:
+    def _from_config(cls, config: dict[str, Any]) -> "OracleBackbone":
         refs = torch.zeros(config["num_references"], config["channels"], *config["size"])
         return cls(refs, schedule_from_config(config.get("schedule")))
 
 
-@register_backbone
 class DiffusersUNet(Backbone):
     """Adapter for a diffusers ``UNet2DModel`` (e.g. the Hub's ``google/ddpm-cifar10-32``).
 
@@ -163,7 +191,7 @@ class DiffusersUNet(Backbone):
         return {"unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> DiffusersUNet:
+    def _from_config(cls, config: dict[str, Any]) -> "DiffusersUNet":
         from diffusers import UNet2DModel
 
         return cls(UNet2DModel(**config["unet"]), schedule_from_config(config.get("schedule")))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import Backbone, register_backbone, schedule_from_config
+from .backbones import Backbone, schedule_from_config
 from .schedule import NoiseSchedule
 
 __all__ = ["GuidedDiffusionUNet", "GuidedUNetModel", "unet_kwargs_from_flags"]
@@ -305,7 +305,6 @@ class GuidedUNetModel(nn.Module):
         return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)
 
 
-@register_backbone
 class GuidedDiffusionUNet(Backbone):
     """Backbone adapter for :class:`GuidedUNetModel` (unconditional models; eps = first ``in_channels`` outputs)."""
 
@@ -327,5 +326,5 @@ class GuidedDiffusionUNet(Backbone):
         return {"unet": self.unet.config}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> GuidedDiffusionUNet:
+    def _from_config(cls, config: dict[str, Any]) -> GuidedDiffusionUNet:
         return cls(GuidedUNetModel(**config["unet"]), schedule_from_config(config.get("schedule")))

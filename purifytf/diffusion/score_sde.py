@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import Backbone, register_backbone, schedule_from_config
+from .backbones import Backbone, schedule_from_config
 from .schedule import NoiseSchedule
 
 __all__ = ["SCORE_SDE_CIFAR10_CONFIG", "NCSNppModel", "ScoreSDEBackbone", "vp_sde_schedule"]
@@ -222,7 +222,6 @@ def vp_sde_schedule(beta_min: float = 0.1, beta_max: float = 20.0, num_steps: in
     return NoiseSchedule.linear(num_steps, beta_min / num_steps, beta_max / num_steps)
 
 
-@register_backbone
 class ScoreSDEBackbone(Backbone):
     """Backbone adapter for a continuous-time VP-SDE :class:`NCSNppModel` (score_sde / DiffPure's CIFAR-10 model).
 
@@ -269,17 +268,18 @@ class ScoreSDEBackbone(Backbone):
         return {"model": self.model.config, "sde": {"beta_min": self.beta_min, "beta_max": self.beta_max}}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ScoreSDEBackbone:
+    def _from_config(cls, config: dict[str, Any]) -> ScoreSDEBackbone:
         schedule = schedule_from_config(config.get("schedule"))
         return cls(NCSNppModel(**config["model"]), schedule, **config.get("sde", {}))
 
 
 SCORE_SDE_CIFAR10_CONFIG: dict[str, Any] = {
-    "kind": ScoreSDEBackbone.kind,
+    "_class_name": "ScoreSDEBackbone",
+    "max_t": 1000,
     "schedule": {"kind": "linear", "num_steps": 1000},
     "model": {"image_size": 32, "in_channels": 3, "nf": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 8,
               "attn_resolutions": [16], "dropout": 0.1},
     "sde": {"beta_min": 0.1, "beta_max": 20.0},
 }
-""":func:`~purifytf.diffusion.build_backbone` config of score_sde's ``vp/cifar10_ddpmpp_deep_continuous``
+""":attr:`~purifytf.diffusion.Backbone.config` of score_sde's ``vp/cifar10_ddpmpp_deep_continuous``
 ``checkpoint_8.pth`` (load it with the ``"score_sde"`` layout of :data:`purifytf.checkpoints.FORMATS`)."""

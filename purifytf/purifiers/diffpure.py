@@ -25,7 +25,7 @@ class DiffPurify(DiffusionPurifier):
     Args:
         backbone: eps-prediction network.
         t_star: diffusion time in (0, 1] as a fraction of the schedule's T (DiffPure: 0.1 CIFAR-10,
-            0.15 ImageNet).
+            0.15 ImageNet); ``t_star * T`` must lie within the backbone's ``max_t``.
         steps: network calls in the reverse chain (``None``: one per step, ``round(t_star * T)``).
         sampler: ``"ddpm"`` or ``"ddim"``.
         checkpoint, seed: see :class:`DiffusionPurifier`.
@@ -50,6 +50,7 @@ class DiffPurify(DiffusionPurifier):
         self.t_star = t_star
         self.steps = steps
         self.sampler = sampler
+        self.check_level(self.reference_level, f"t_star={t_star}")
 
     @property
     def reference_level(self) -> int:
@@ -61,6 +62,8 @@ class DiffPurify(DiffusionPurifier):
         return self.steps or self.reference_level
 
     def denoise(self, x: Tensor, generator: torch.Generator | None, level_scale: Tensor | None = None) -> Tensor:
+        if level_scale is None:
+            self.check_level(self.reference_level, f"t_star={self.t_star}")
         t = self.levels(self.reference_level, x.shape[0], level_scale, x.device)
         x_t = self.schedule.q_sample(x, t, randn_like(x, generator))
         grid = timestep_grid(t, self.num_steps)

@@ -26,6 +26,8 @@ class DiffusionPurifier(Purifier):
         seed: see :class:`~purifytf.Purifier`.
     """
 
+    _abstract_config = True
+
     def __init__(self, backbone: Backbone, checkpoint: bool = False, seed: int | None = None):
         super().__init__(seed=seed)
         if not isinstance(backbone, Backbone):
@@ -54,6 +56,14 @@ class DiffusionPurifier(Purifier):
     def reference_level(self) -> int:
         """The noise level (steps) that ``level_scale = 1`` means; what SSNI reweights."""
         raise NotImplementedError
+
+    def check_level(self, level: float, setting: str) -> None:
+        """Refuse a noise level (``level`` steps, from ``setting``) beyond the backbone's trained ``max_t``."""
+        if level > self.backbone.max_t:
+            T = self.schedule.num_steps
+            raise ValueError(f"{setting} asks for noise level {level:g} steps ({level / T:g} of T = {T}), beyond "
+                             f"the backbone's trained range max_t = {self.backbone.max_t} ({self.backbone.max_t / T:g}"
+                             f" of T)")
 
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """One counted network call: ``x_t`` (B,C,H,W) in [-1, 1], ``t`` (B,) steps -> eps."""

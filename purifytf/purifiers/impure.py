@@ -9,13 +9,15 @@ from ..models.mae import build_reconstructor
 
 __all__ = ["IMPurify"]
 
+_LEGACY_T = 1000
+
 
 class IMPurify(Purifier):
     """Reconstruct every patch from the others, with its own information masked by noise.
 
     The network (:class:`purifytf.models.MaskedReconstructor`) hides each of four interleaved
     patch groups in turn, fills its slots with latents of the noised image (``q_sample`` at
-    ``image_t``) noised again in feature space (``feature_t``), and predicts the group from the
+    ``image_t * T``) noised again in feature space (``feature_t * T``), and predicts the group from the
     other three; all four reconstructions are one batched pass (NFE = 1). No diffusion steps.
 
     Any image size works (padded to a multiple of twice the patch size, cropped back); the
@@ -27,8 +29,8 @@ class IMPurify(Purifier):
             data on CPU; ``"base"``: the reference ViT-B/16 for 224 px ImageNet).
         in_channels: image channels (1 grey, 3 RGB).
         overrides: :class:`purifytf.models.MAEConfig` fields replacing the preset's.
-        image_t: forward diffusion steps of the image noise (of T = 1000; reference 400).
-        feature_t: steps of the feature-space noise on the hidden group's latents (reference 600).
+        image_t: image noise level as a fraction of the network's T = 1000 steps, in [0, 1] (reference 0.4).
+        feature_t: feature-space noise level on the hidden group's latents, fraction of T (reference 0.6).
         seed: see :class:`purifytf.Purifier`.
     """
 
@@ -37,15 +39,15 @@ class IMPurify(Purifier):
         preset: str = "tiny",
         in_channels: int = 3,
         overrides: dict | None = None,
-        image_t: int = 400,
-        feature_t: int = 600,
+        image_t: float = 0.4,
+        feature_t: float = 0.6,
         seed: int | None = None,
     ):
         super().__init__(seed=seed)
         self.network = build_reconstructor(preset, in_channels, **(overrides or {}))
         for name, t in (("image_t", image_t), ("feature_t", feature_t)):
-            if not 0 <= t <= self.network.schedule.num_steps:
-                raise ValueError(f"{name} must be in [0, {self.network.schedule.num_steps}], got {t}")
+            if not 0 <= t <= 1:
+                raise ValueError(f"{name} must be in [0, 1] (a fraction of T), got {t}")
         self.image_t = image_t
         self.feature_t = feature_t
 
@@ -53,8 +55,14 @@ class IMPurify(Purifier):
     def in_channels(self) -> int:
         return self.network.in_channels
 
+    @classmethod
+    def _upgrade_legacy(cls, config: dict) -> dict:
+        """Configs before purifytf 0.2 gave ``image_t``/``feature_t`` in steps of T = 1000."""
+        return {**config, **{k: config[k] / _LEGACY_T for k in ("image_t", "feature_t") if k in config}}
+
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        return self.network(x, generator, image_t=self.image_t, feature_t=self.feature_t)
+        steps = self.network.schedule.num_steps
+        return self.network(x, generator, image_t=round(self.image_t * steps), feature_t=round(self.feature_t * steps))
 
     def extra_repr(self) -> str:
         return f"image_t={self.image_t}, feature_t={self.feature_t}"

@@ -109,14 +109,16 @@ class SaliencyDiffPurify(DiffusionPurifier):
     (with ``resample_steps = 0``) DiffPurify's DDIM at ``t_l``, draw for draw.
 
     Hub: the classifier is a submodule, so its weights are saved with the purifier, and
-    ``from_pretrained(path, classifier=net)`` needs a ``net`` of the same architecture (its
-    weights are replaced by the saved ones). A callable ``stages`` is not saved either: pass it again.
+    ``from_pretrained(path, classifier=net)`` (or ``purifytf.load_purifier``, also when nested in
+    SSNI) needs a ``net`` of the same architecture (its weights are replaced by the saved ones). A
+    callable ``stages`` is not saved either: pass it again.
 
     Args:
         backbone: eps-prediction network.
         classifier: the defended classifier, taking images in [0, 1]; kept in eval mode.
         t_l, t_s: strong and weak noise levels as fractions of T, ``0 < t_s < t_l <= 1`` (paper:
-            0.2 / 0.1 on CIFAR-10, 0.4 / 0.2 on ImageNet). ``t_l`` is the :attr:`reference_level`.
+            0.2 / 0.1 on CIFAR-10, 0.4 / 0.2 on ImageNet). ``t_l`` is the :attr:`reference_level`; ``t_l * T``
+            must lie within the backbone's ``max_t``.
         mask: ``"threshold"``, ``"topk"`` or ``"continuous"``.
         threshold: saliency threshold of ``"threshold"`` (paper: 0.9).
         fraction: salient pixel fraction of ``"topk"`` (paper: 0.15 on ImageNet).
@@ -163,6 +165,7 @@ class SaliencyDiffPurify(DiffusionPurifier):
         self.stages = stages
         self.mask_grad = mask_grad
         self._features = StageFeatures(classifier, stages)
+        self.check_level(self.reference_level, f"t_l={t_l}")
 
     @property
     def reference_level(self) -> int:
@@ -205,6 +208,8 @@ class SaliencyDiffPurify(DiffusionPurifier):
     ) -> Tensor:
         """See :meth:`DiffusionPurifier.denoise`; ``mask`` (B, 1, H, W) replaces :meth:`compute_mask`."""
         batch, _, height, width = x.shape
+        if level_scale is None:
+            self.check_level(self.reference_level, f"t_l={self.t_l}")
         if mask is None:
             mask = self.compute_mask((x + 1) / 2)
         elif mask.shape != (batch, 1, height, width):
@@ -216,14 +221,6 @@ class SaliencyDiffPurify(DiffusionPurifier):
         t_map = level_map(mask.to(x.dtype), grid[: stage1 + 1])
         randn = functools.partial(randn_like, generator=generator)
         return heterogeneous_ddim(self.schedule, self.eps, x, t_map, grid, stage1, self.resample_steps, randn)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, classifier: nn.Module | None = None, **kwargs):
-        """Load a saved purifier; ``classifier``: a module of the saved classifier's architecture."""
-        if classifier is None:
-            raise TypeError("SaliencyDiffPurify.from_pretrained needs classifier=<nn.Module>: the classifier's "
-                            "architecture is not in config.json (its weights are loaded from the checkpoint)")
-        return super().from_pretrained(pretrained_model_name_or_path, classifier=classifier, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"t_l={self.t_l}, t_s={self.t_s}, mask={self.mask!r}, threshold={self.threshold}, "

@@ -17,12 +17,14 @@ _STAT_KEYS = ("mean", "std", "min", "max", "count")
 
 
 def sigmoid_reweight(norm: Tensor, mean: float, tau: float, t_star: float, bias: float) -> Tensor:
-    """SSNI-N: ``sigmoid((norm - mean) / tau) * (t_star + bias)``; (B,) norms -> (B,) float steps."""
+    """SSNI-N: ``sigmoid((norm - mean) / tau) * (t_star + bias)``; (B,) norms -> (B,) levels in the unit of
+    ``t_star`` and ``bias`` (both fractions of T, or both steps)."""
     return torch.sigmoid((norm - mean) / tau) * (t_star + bias)
 
 
 def linear_reweight(norm: Tensor, low: float, high: float, t_star: float, bias: float) -> Tensor:
-    """SSNI-L: ``(norm - low) * t_star / (high - low) + bias``; (B,) norms -> (B,) float steps.
+    """SSNI-L: ``(norm - low) * t_star / (high - low) + bias``; (B,) norms -> (B,) levels in the unit of
+    ``t_star`` and ``bias``.
 
     Clamped to ``[bias, t_star + bias]``: the range of the reference, whose min/max include the batch.
     """
@@ -78,7 +80,8 @@ class SSNIPurify(Purifier):
             ``seed`` is ignored, this purifier's generator drives both.
         reweight: ``"sigmoid"`` (SSNI-N) or ``"linear"`` (SSNI-L).
         tau: temperature of SSNI-N, in norm units (``None``: the calibrated std).
-        bias: ``b``, in steps (reference: 5).
+        bias: ``b``, a fraction of T like every noise level (reference: 5 steps of 1000, 0.005); the
+            largest level SSNI can pick, ``t* + bias``, must lie within the backbone's ``max_t``.
         eps_steps: ``T'``, levels averaged in the EPS (reference: 20 CIFAR-10, 50 ImageNet).
         score_grad: let gradients flow through the score norm into ``t`` (straight-through rounding),
             for adaptive attacks; by default ``t`` is picked without gradient, as in the reference.
@@ -96,7 +99,7 @@ class SSNIPurify(Purifier):
         base: DiffusionPurifier,
         reweight: str = "sigmoid",
         tau: float | None = None,
-        bias: float = 5.0,
+        bias: float = 0.005,
         eps_steps: int = 20,
         score_grad: bool = False,
         stats: dict[str, float] | None = None,
@@ -119,6 +122,12 @@ class SSNIPurify(Purifier):
         self.score_grad = score_grad
         self.stats = None if stats is None else _check_stats(stats)
         self.last_t: Tensor | None = None
+        self._check_range()
+
+    def _check_range(self) -> None:
+        """The largest level SSNI can pick, ``t* + bias``, must lie within the backbone's ``max_t``."""
+        self.base.check_level(self.base.reference_level + self.bias * self.base.schedule.num_steps,
+                              f"SSNI's t* + bias (bias={self.bias})")
 
     @property
     def in_channels(self) -> int:
@@ -150,7 +159,6 @@ class SSNIPurify(Purifier):
         if not norms:
             raise ValueError("calibration data is empty: pass clean images (N, C, H, W) in [0, 1]")
         self.stats = _check_stats(norm_statistics(torch.cat(norms)))
-        self._hub_mixin_config["stats"] = dict(self.stats)
         return dict(self.stats)
 
     # --- noise levels ----------------------------------------------------------------------------
@@ -177,24 +185,30 @@ class SSNIPurify(Purifier):
         if self.stats is None:
             raise RuntimeError("SSNIPurify is not calibrated: call purifier.calibrate(clean_images) first "
                                "(or load a calibrated purifier with from_pretrained)")
-        t_star = self.base.reference_level
+        t_star, bias = self.base.reference_level, self.bias * self.base.schedule.num_steps  # in steps
         with torch.set_grad_enabled(self.score_grad and torch.is_grad_enabled()):
             norm = self._score_norm(x_d, generator)
             if self.reweight == "sigmoid":
                 tau = self.tau if self.tau is not None else self.stats["std"]
-                t = sigmoid_reweight(norm, self.stats["mean"], tau, t_star, self.bias)
+                t = sigmoid_reweight(norm, self.stats["mean"], tau, t_star, bias)
             else:
-                t = linear_reweight(norm, self.stats["min"], self.stats["max"], t_star, self.bias)
+                t = linear_reweight(norm, self.stats["min"], self.stats["max"], t_star, bias)
         return t / t_star
 
     def _levels(self, level_scale: Tensor) -> Tensor:
         return self.base.levels(self.base.reference_level, level_scale.shape[0], level_scale, level_scale.device)
 
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        self._check_range()
         x_d = x * 2 - 1
         scale = self._level_scale(x_d, generator)
         self.last_t = self._levels(scale).detach().round().long()
         return (self.base.denoise(x_d, generator, level_scale=scale) + 1) / 2
+
+    @classmethod
+    def _upgrade_legacy(cls, config: dict) -> dict:
+        """Configs before purifytf 0.2 gave ``bias`` in steps of T = 1000."""
+        return {**config, "bias": config["bias"] / 1000} if "bias" in config else config
 
     def extra_repr(self) -> str:
         tau = f", tau={self.tau}" if self.reweight == "sigmoid" else ""
