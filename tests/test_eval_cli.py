@@ -51,7 +51,7 @@ def write_setup(directory: Path) -> list[str]:
     return ["--purifier", "toy_eval:purifier", "--classifier", "toy_eval:classifier", "--normalize", "none",
             "--dataset", f"npz:{directory / 'data.npz'}", "--attacks", ",".join(ATTACKS), "--eps", "24/255",
             "--step", "0.03", "--steps", "3", "--apgd-steps", "3", "--eot", "2", "--runs", "3", "--seed", "5",
-            "--no-progress"]
+            "--batch-size", "2", "--no-progress"]
 
 
 def comparable(records: dict[int, dict]) -> dict[int, dict]:
@@ -73,12 +73,13 @@ def test_records_and_summary(setup, tmp_path):
     assert main([*setup, "--output", str(out)]) == 0
     records = load_records(out)
     assert sorted(records) == list(range(NUM_IMAGES))
-    assert [records[i]["seed"] for i in range(NUM_IMAGES)] == [5 + i for i in range(NUM_IMAGES)]
+    assert [records[i]["seed"] for i in range(NUM_IMAGES)] == [5, 5, 7, 7, 9, 9]  # seed + first index of the batch
     summary = json.loads((out / "summary.json").read_text())
     names = ATTACKS
     assert list(summary["robust_accuracy"]) == names
     for record in records.values():
         assert record["nfe"] == 2 and record["nfe_total"] > 0 and record["seconds"] > 0
+        assert all(a.get("skipped") for a in record["attacks"].values()) != record["clean_correct"]
         assert record["robust"] == (record["clean_correct"] and all(record["attacks"][n]["robust"] for n in names))
     assert summary["robust_accuracy_overall"] == np.mean([r["robust"] for r in records.values()])
     assert summary["robust_accuracy_overall"] <= min(summary["robust_accuracy"].values())
@@ -88,15 +89,15 @@ def test_records_and_summary(setup, tmp_path):
 
 def test_resume_after_interruption(setup, tmp_path, monkeypatch):
     assert main([*setup, "--output", str(tmp_path / "full")]) == 0
-    real, calls = harness.evaluate_image, []
+    real, calls = harness.evaluate_batch, []
 
     def interrupted(*args, **kwargs):
         calls.append(args[5])
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harness, "evaluate_image", interrupted)
+    monkeypatch.setattr(harness, "evaluate_batch", interrupted)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         main([*setup, "--output", str(out)])
@@ -104,7 +105,7 @@ def test_resume_after_interruption(setup, tmp_path, monkeypatch):
     with (out / "images.jsonl").open("a") as file:
         file.write('{"index": 2, "label"')  # killed in the middle of a write
     assert main([*setup, "--output", str(out)]) == 0
-    assert calls == [5, 6, 7, 7, 8, 9, 10]  # seeds: two done, one interrupted, the rest on the rerun
+    assert calls == [5, 7, 7, 9]  # batch seeds: one batch done, one interrupted, the rest on the rerun
     lines = (out / "images.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["index"] for line in lines) == list(range(NUM_IMAGES))
     assert comparable(load_records(out)) == comparable(load_records(tmp_path / "full"))

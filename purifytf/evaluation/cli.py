@@ -8,8 +8,9 @@ Example (DiffPure-style defence of a CIFAR-10 classifier, Lee & Kim's protocol):
         --dataset torchvision:CIFAR10:./data --num-images 512 --shuffle-seed 0 \\
         --attacks lee-kim --eps 8/255 --steps 200 --eot 20 --runs 10 --output results/diffpure
 
-Scale out with ``torchrun --nproc_per_node N -m purifytf.evaluation.cli ...``: results do not
-depend on N (seed = ``--seed`` + image index). Rerun the same command to resume.
+Images are attacked in batches of ``--batch-size`` (seed = ``--seed`` + the batch's first image
+index). Scale out with ``torchrun --nproc_per_node N -m purifytf.evaluation.cli ...``: results do
+not depend on N. Rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--output", required=True, help="results directory (rerun to resume)")
-    run_group.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    run_group.add_argument("--seed", type=int, default=0, help="a batch runs with seed + its first image's index")
+    run_group.add_argument("--batch-size", type=int, default=32,
+                           help="images attacked together (results depend on it: it is part of the run's config)")
     run_group.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     run_group.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -131,7 +134,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
                              normalize=parse_normalize(args.normalize)).to(device)
     config = {k: v for k, v in vars(args).items() if k not in _NOT_IN_CONFIG and not callable(v)}
     return evaluate(defended, dataset, attacks, args.output, settings=settings, indices=indices, seed=args.seed,
-                    config=config, progress=args.progress)
+                    batch_size=args.batch_size, config=config, progress=args.progress)
 
 
 def run(args: argparse.Namespace) -> int:

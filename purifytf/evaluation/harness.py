@@ -1,10 +1,11 @@
 """The robustness evaluation loop: per-image records as they come, resumable, shardable.
 
-Per image ``i`` (a dataset index) with seed ``seed + i``: the defence's clean prediction, then
-every attack (each started from the same seeded RNG state) judged by the defence's vote. An
-image is robust only if it is classified correctly and every attack fails. Records go to
+Images run in fixed batches (consecutive dataset indices of the run, seed ``seed`` + the batch's
+first index): the defence's clean prediction, then every attack (each started from the same seeded
+RNG state, as one batch of the correctly classified images) judged by the defence's vote. An image
+is robust only if it is classified correctly and every attack fails. Records go to
 ``OUTPUT/images.jsonl`` (rank ``r > 0`` of a distributed run: ``images.rank{r}.jsonl``) one line
-per image, flushed at once; a rerun skips the images already there. Rank 0 then writes
+per image, flushed after each batch; a rerun redoes only the batches with missing images. Rank 0 then writes
 ``summary.json`` and ``summary.md``. ``run.json`` holds the run's configuration: a rerun with
 another configuration in the same directory is refused.
 """
@@ -28,7 +29,7 @@ from ..attacks import Attack, AttackSettings
 from ..defended import DefendedModel
 from ..nfe import count_nfe
 
-__all__ = ["evaluate", "evaluate_image", "load_records", "summarize", "summary_markdown"]
+__all__ = ["evaluate", "evaluate_batch", "load_records", "summarize", "summary_markdown"]
 
 RUN_FILE = "run.json"
 
@@ -44,37 +45,48 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluate_image(defended: DefendedModel, image: torch.Tensor, label: int, attacks: Sequence[Attack],
-                   settings: AttackSettings, seed: int, num_classes: int) -> dict:
-    """One image (C, H, W) in [0, 1] -> its record (predictions, robustness per attack, cost)."""
+def evaluate_batch(defended: DefendedModel, images: torch.Tensor, labels: torch.Tensor, attacks: Sequence[Attack],
+                   settings: AttackSettings, seed: int) -> list[dict]:
+    """Images (B, C, H, W) in [0, 1] with labels (B,) -> one record per image (predictions, robustness per
+    attack, cost). The global RNG is seeded with ``seed`` before the clean pass and before each attack; the
+    attacks run on the correctly classified images only, as one batch."""
     device = _device(defended)
-    x = image[None].to(device)
-    y = torch.tensor([label], device=device)
+    x, y = images.to(device), labels.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with count_nfe() as total:
         _seed_everything(seed)
-        clean_pred = int(defended.predict(x))
+        clean_pred = defended.predict(x)
         nfe = getattr(defended.purifier, "last_nfe", 0)
-        results = {attack.name: _attack_result(defended, attack, x, y, settings, seed, num_classes)
-                   if clean_pred == label else {"robust": False, "skipped": True} for attack in attacks}
-    return {
-        "label": label, "seed": seed, "clean_pred": clean_pred, "clean_correct": clean_pred == label,
-        "attacks": results, "robust": clean_pred == label and all(r["robust"] for r in results.values()),
-        "nfe": nfe, "nfe_total": total.count, "seconds": time.perf_counter() - start,
-        "peak_memory_mib": _peak_memory_mib(device),
-    }
+        correct = clean_pred == y
+        attacked = correct.nonzero().flatten().tolist()
+        results = {attack.name: _attack_batch(defended, attack, x[correct], y[correct], settings, seed)
+                   for attack in attacks} if attacked else {}
+    seconds = (time.perf_counter() - start) / len(x)
+    memory = _peak_memory_mib(device)
+    rows = {i: row for row, i in enumerate(attacked)}
+    records = []
+    for i, (label, pred) in enumerate(zip(labels.tolist(), clean_pred.tolist(), strict=True)):
+        per_attack = {a.name: results[a.name][rows[i]] if i in rows else {"robust": False, "skipped": True}
+                      for a in attacks}
+        records.append({"label": label, "seed": seed, "clean_pred": pred, "clean_correct": pred == label,
+                        "attacks": per_attack, "robust": i in rows and all(r["robust"] for r in per_attack.values()),
+                        "nfe": nfe, "nfe_total": total.count, "seconds": seconds, "peak_memory_mib": memory})
+    return records
 
 
-def _attack_result(defended: DefendedModel, attack: Attack, x: torch.Tensor, y: torch.Tensor,
-                   settings: AttackSettings, seed: int, num_classes: int) -> dict:
+def _attack_batch(defended: DefendedModel, attack: Attack, x: torch.Tensor, y: torch.Tensor,
+                  settings: AttackSettings, seed: int) -> list[dict]:
+    """Per-image results of one attack on a batch (seconds: the batch's time per image)."""
     _seed_everything(seed)
     start = time.perf_counter()
-    x_adv = attack(defended, x, y, settings, num_classes)
-    pred = int(defended.predict(x_adv))
-    return {"robust": pred == int(y), "pred": pred, "linf": (x_adv - x).abs().max().item(),
-            "seconds": time.perf_counter() - start}
+    x_adv = attack(defended, x, y, settings)
+    pred = defended.predict(x_adv)
+    seconds = (time.perf_counter() - start) / len(x)
+    linf = (x_adv - x).flatten(1).abs().amax(1)
+    return [{"robust": p == label, "pred": p, "linf": d, "seconds": seconds}
+            for p, label, d in zip(pred.tolist(), y.tolist(), linf.tolist(), strict=True)]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -138,15 +150,19 @@ def _barrier() -> None:
 
 def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack], output: str | Path, *,
              settings: AttackSettings | None = None, indices: Sequence[int] | None = None, seed: int = 0,
-             config: dict | None = None, progress: bool = True) -> dict | None:
+             batch_size: int = 32, config: dict | None = None, progress: bool = True) -> dict | None:
     """Evaluate ``defended`` on ``dataset[indices]`` (default: all) under ``attacks``.
 
-    Writes per-image records to ``output`` as they come and resumes from those already there.
-    Under ``torch.distributed`` each rank takes every ``world``-th remaining image; rank 0
-    gathers the records and writes the summary. ``config`` (JSON-able) joins the recorded run
-    configuration. Returns the summary on rank 0, ``None`` on other ranks.
+    ``indices`` are cut into batches of ``batch_size`` in order; a batch runs with seed ``seed`` + its
+    first index (:func:`evaluate_batch`). Its per-image records go to ``output`` as soon as it is done;
+    a rerun redoes the batches with a missing record (same batch, same seed, same results) and writes
+    only the missing records. Under ``torch.distributed`` each rank takes every ``world``-th of those
+    batches; rank 0 gathers the records and writes the summary. ``config`` (JSON-able) joins the
+    recorded run configuration. Returns the summary on rank 0, ``None`` on other ranks.
     """
     settings = settings or AttackSettings()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _rank_world()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -154,12 +170,14 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     if len(set(indices)) != len(indices) or any(not 0 <= i < len(dataset) for i in indices):
         raise ValueError(f"indices must be distinct and in [0, {len(dataset)})")
     run_config = {**(config or {}), "attacks": [a.name for a in attacks], "settings": asdict(settings), "seed": seed,
-                  "runs": defended.runs, "vote": defended.vote, "normalization": defended.normalization}
+                  "batch_size": batch_size, "runs": defended.runs, "vote": defended.vote,
+                  "normalization": defended.normalization}
     _check_run_config(output, run_config, rank)
     done = load_records(output)
     _barrier()  # every rank has read the same finished set before any rank adds to it
-    mine = [i for i in indices if i not in done][rank::world]
-    new = _evaluate_indices(defended, dataset, mine, attacks, settings, seed, output, rank, progress)
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    mine = [b for b in batches if any(i not in done for i in b)][rank::world]
+    new = _evaluate_batches(defended, dataset, mine, done, attacks, settings, seed, output, rank, progress)
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(new, gathered, dst=0)
@@ -173,26 +191,33 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     return summary
 
 
-def _evaluate_indices(defended: DefendedModel, dataset: Dataset, indices: list[int], attacks: Sequence[Attack],
-                      settings: AttackSettings, seed: int, output: Path, rank: int, progress: bool) -> list[dict]:
-    records = []
-    if not indices:
+def _labelled(dataset: Dataset, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in batch]
+    labels = torch.tensor([int(label) for _, label in items])
+    if (labels < 0).any():
+        index = batch[int((labels < 0).nonzero()[0])]
+        raise ValueError(f"image {index} has no label (label {int(dataset[index][1])}): robust accuracy needs labels")
+    return torch.stack([image for image, _ in items]), labels
+
+
+def _evaluate_batches(defended: DefendedModel, dataset: Dataset, batches: list[list[int]], done: dict,
+                      attacks: Sequence[Attack], settings: AttackSettings, seed: int, output: Path, rank: int,
+                      progress: bool) -> list[dict]:
+    records: list[dict] = []
+    if not batches:
         return records
-    with torch.no_grad():
-        num_classes = defended(dataset[indices[0]][0][None].to(_device(defended))).shape[-1]
-    bar = tqdm(indices, desc=f"eval rank {rank}" if rank else "eval", position=rank, disable=not progress,
-               dynamic_ncols=True)
-    with _open_records(output, rank) as file:
-        for index in bar:
-            image, label = dataset[index]
-            if int(label) < 0:
-                raise ValueError(f"image {index} has no label (label {int(label)}): robust accuracy needs labels")
-            record = {"index": index,
-                      **evaluate_image(defended, image, int(label), attacks, settings, seed + index, num_classes)}
-            file.write(json.dumps(record) + "\n")
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"eval rank {rank}" if rank else "eval", position=rank,
+               disable=not progress, dynamic_ncols=True, unit="image")
+    with bar, _open_records(output, rank) as file:
+        for batch in batches:
+            images, labels = _labelled(dataset, batch)
+            results = evaluate_batch(defended, images, labels, attacks, settings, seed + batch[0])
+            new = [{"index": i, **r} for i, r in zip(batch, results, strict=True) if i not in done]
+            file.write("".join(json.dumps(record) + "\n" for record in new))
             file.flush()
             os.fsync(file.fileno())
-            records.append(record)
+            records += new
+            bar.update(len(batch))
             bar.set_postfix(clean=_mean(r["clean_correct"] for r in records),
                             robust=_mean(r["robust"] for r in records))
     return records
@@ -213,7 +238,7 @@ def summarize(records: Sequence[dict], attacks: Sequence[Attack], config: dict |
         "nfe_per_purification": _mean(r["nfe"] for r in records),
         "seconds_per_image": _mean(r["seconds"] for r in records),
         "peak_memory_mib": max((r["peak_memory_mib"] for r in records), default=float("nan")),
-        "seeds": "base seed + dataset index",
+        "seeds": "base seed + first dataset index of the image's batch",
         "config": config or {},
     }
 
@@ -224,7 +249,8 @@ def summary_markdown(summary: dict) -> str:
     rows += [(f"robust: {name}", acc) for name, acc in summary["robust_accuracy"].items()]
     rows.append(("robust: all attacks (per-image minimum)", summary["robust_accuracy_overall"]))
     lines = ["| accuracy | % |", "| --- | --- |", *(f"| {name} | {100 * acc:.2f} |" for name, acc in rows)]
-    cost = (f"\n{summary['images']} images (seed {summary['config'].get('seed', '?')} + index); "
+    cost = (f"\n{summary['images']} images (seed {summary['config'].get('seed', '?')} + first index of each batch of "
+            f"{summary['config'].get('batch_size', '?')}); "
             f"NFE per purification {summary['nfe_per_purification']:.1f}; "
             f"{summary['seconds_per_image']:.2f} s per image; peak memory {summary['peak_memory_mib']:.0f} MiB\n")
     return "\n".join(lines) + "\n" + cost
