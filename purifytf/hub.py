@@ -23,10 +23,10 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import ModelCard, constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .checkpoints import convert_state_dict, load_state_dict_file
-from .config import read_config
+from .config import read_config, set_downloader
 from .diffusion.backbones import Backbone, build_backbone, schedule_from_config
 from .diffusion.guided_unet import unet_kwargs_from_flags
 from .diffusion.score_sde import SCORE_SDE_CIFAR10_CONFIG
@@ -35,8 +35,10 @@ __all__ = [
     "ASSETS",
     "GUIDED_DIFFUSION_256_UNCOND_SHA256",
     "Weights",
+    "WeightsUnavailableError",
     "backbone_config",
     "get_weights",
+    "hub_download",
     "list_weights",
     "load_backbone",
     "load_backbone_dir",
@@ -130,20 +132,89 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hf_file(w: Weights, cache_dir: str | Path | None, offline: bool) -> Path:
+class WeightsUnavailableError(FileNotFoundError):
+    """Hub files or registered weights that are neither in the local cache nor downloadable now."""
+
+
+_PROBE_SECONDS = 3.0
+"""A server that has not answered one HEAD request by then counts as unreachable (huggingface_hub would
+retry for about 20 s more)."""
+
+
+def _unreachable(url: str) -> str | None:
+    """Why the server of ``url`` cannot be reached now (one request, no retries), or ``None`` if it answers."""
+    import urllib.error
+    import urllib.request
+
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https"):
+        return None  # file:// and other local sources
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{parts.scheme}://{parts.netloc}/", method="HEAD"),
+                               timeout=_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered, even if with an error status
+    except (OSError, ValueError) as err:  # URLError, refused connections, timeouts
+        return f"{parts.netloc} cannot be reached ({getattr(err, 'reason', err)})"
+    return None
+
+
+_DOWNLOADS_OFF = "downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True)"
+
+
+def _unavailable(what: str, source: str, offline: bool, reason: str, local: str,
+                 download: str) -> WeightsUnavailableError:
+    """The loading error every path raises: what failed, why, and the three ways out."""
+    switch = " (unset HF_HUB_OFFLINE, drop local_files_only=True)" if offline else ""
+    return WeightsUnavailableError(
+        f"cannot load {what}: {source} is not in the local cache and {reason}. "
+        f"Offline mode is {'on' if offline else 'off'} (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). "
+        f"Ways out: (1) connect to the internet{switch} and load again; (2) pre-download it into the cache on a "
+        f"machine with internet: {download}, then copy the cache here and point HF_HUB_CACHE (or cache_dir=) at "
+        f"it; (3) pass a local directory or file instead: {local}.")
+
+
+def hub_download(repo_id: str, filenames: str | tuple[str, ...], *, revision: str | None = None,
+                 cache_dir: str | Path | None = None, local_files_only: bool | None = None,
+                 what: str | None = None, local: str | None = None, **kwargs: Any) -> Path:
+    """Local path of the first of ``filenames`` that Hugging Face repo ``repo_id`` has: cached or downloaded.
+
+    Every Hub download of purifytf goes through here (``from_pretrained`` of purifiers and backbones,
+    registered weights, the factory and ``torch.hub`` entry points). Offline (``local_files_only``, default
+    ``HF_HUB_OFFLINE``) only the cache is read; online, an endpoint that does not answer within
+    :data:`_PROBE_SECONDS` is not retried. A file neither cached nor downloadable raises
+    :class:`WeightsUnavailableError` naming the repo, the revision, the offline mode and the ways out.
+    ``what`` names the object for the message (default: the repo), ``local`` how to load it from disk;
+    ``kwargs`` go to ``hf_hub_download`` (``token``, ``force_download``).
+    """
+    filenames = (filenames,) if isinstance(filenames, str) else tuple(filenames)
     cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-    for filename in w.filenames:
+    offline = _offline(local_files_only or None)  # False cannot override HF_HUB_OFFLINE (nor can it in huggingface_hub)
+    reason = _DOWNLOADS_OFF if offline else _unreachable(constants.ENDPOINT)
+    for filename in filenames:
         try:
-            return Path(hf_hub_download(w.repo_id, filename, revision=w.revision, cache_dir=cache_dir,
-                                        local_files_only=offline))
-        except EntryNotFoundError:  # not in the cache (offline) or not in the repo: try the next name
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=reason is not None, **kwargs))
+        except EntryNotFoundError:  # not cached (LocalEntryNotFoundError) or not in the repo: try the next name
             continue
-    how = "downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "it could not be downloaded"
-    raise FileNotFoundError(
-        f"weights {w.name!r}: none of {list(w.filenames)} from Hugging Face repo {w.repo_id!r} (revision "
-        f"{w.revision!r}) is in the cache {str(cache_dir)!r}, and {how}. On a machine with internet run "
-        f"`hf download {w.repo_id} {w.filenames[0]} --revision {w.revision}` (or load once with HF_HUB_OFFLINE "
-        f"unset), then copy the cache and point HF_HUB_CACHE (or cache_dir=) at it.")
+        except RevisionNotFoundError:
+            reason = f"the Hub at {constants.ENDPOINT} has no such revision"
+            break
+        except RepositoryNotFoundError:
+            reason = f"the Hub at {constants.ENDPOINT} has no such repository (or it is private: `hf auth login`)"
+            break
+    files, revision = " or ".join(repr(f) for f in filenames), revision or "main"
+    source = f"file {files} of Hugging Face repo {repo_id!r}, revision {revision!r} (cache {str(cache_dir)!r})"
+    raise _unavailable(what or f"Hugging Face repo {repo_id!r}", source, offline,
+                       reason or "the repo has none of these files",
+                       local or f"Purifier.from_pretrained(DIRECTORY), the folder save_pretrained wrote (or "
+                                f"`hf download {repo_id} --local-dir DIRECTORY`)",
+                       f"`hf download {repo_id} --revision {revision}`")
+
+
+def _hf_file(w: Weights, cache_dir: str | Path | None, offline: bool) -> Path:
+    return hub_download(w.repo_id, w.filenames, revision=w.revision, cache_dir=cache_dir, local_files_only=offline,
+                        what=f"weights {w.name!r}", local=f"load_backbone({w.name!r}, path=FILE)")
 
 
 def _url_file(w: Weights, cache_dir: str | Path | None, offline: bool, check_hash: bool) -> Path:
@@ -152,9 +223,10 @@ def _url_file(w: Weights, cache_dir: str | Path | None, offline: bool, check_has
                          f"verified; pass check_hash=False to accept it unverified")
     path = Path(cache_dir or Path(torch.hub.get_dir()) / "checkpoints") / Path(urlparse(w.url).path).name
     if not path.exists():
-        if offline:
-            raise FileNotFoundError(f"weights {w.name!r}: {path} is missing and downloads are off (HF_HUB_OFFLINE=1 "
-                                    f"or local_files_only=True); download {w.url} to that path")
+        reason = _DOWNLOADS_OFF if offline else _unreachable(w.url)
+        if reason is not None:
+            raise _unavailable(f"weights {w.name!r}", f"{w.url} (expected at {path})", offline, reason,
+                               f"load_backbone({w.name!r}, path=FILE)", f"download {w.url} to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(w.url, str(path), hash_prefix=w.sha256 if check_hash else None)
     elif check_hash and _sha256(path) != w.sha256:
@@ -277,6 +349,8 @@ def model_card(purifier: Any, weights: str | Weights | None = None, **card_data:
     purifier.card_data = {**purifier.card_data, **meta, **card_data}
     return purifier.generate_model_card()
 
+
+set_downloader(hub_download)
 
 # --- the registry ---------------------------------------------------------------------------------
 

@@ -1,0 +1,76 @@
+"""Loading errors say what to do: a repo id or registered weights name that is neither cached nor reachable
+fails within seconds, naming the repo (or name), the revision, the offline mode and the three ways out."""
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from purifytf import hub
+from purifytf.base import Purifier
+
+REPO = "someorg/does-not-exist"
+WAYS_OUT = ("connect to the internet", "pre-download it into the cache", "pass a local directory")
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    return tmp_path / "hf-cache"
+
+
+@pytest.fixture
+def offline(empty_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def silent_endpoint(empty_cache, monkeypatch):
+    """HF_HUB_OFFLINE unset and the Hub endpoint a server that accepts connections but never answers
+    (huggingface_hub alone would wait 10 s per request and retry 5 times)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    server = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    yield
+    server.close()
+
+
+def _fails_fast(load, *names: str) -> str:
+    start = time.perf_counter()
+    with pytest.raises(hub.WeightsUnavailableError) as error:
+        load()
+    assert time.perf_counter() - start < 5
+    message = str(error.value)
+    for text in (*names, *WAYS_OUT):
+        assert text in message
+    return message
+
+
+def test_offline_repo_id(offline):
+    message = _fails_fast(lambda: Purifier.from_pretrained(REPO), repr(REPO), "revision 'main'")
+    assert "Offline mode is on" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_unreachable_repo_id_and_revision(silent_endpoint):
+    message = _fails_fast(lambda: Purifier.from_pretrained(REPO, revision="v2"), repr(REPO), "revision 'v2'")
+    assert "Offline mode is off" in message and "cannot be reached" in message
+
+
+def test_unreachable_registered_weights(silent_endpoint):
+    message = _fails_fast(lambda: hub.load_backbone("ddpm-cifar10-32"), "weights 'ddpm-cifar10-32'",
+                          "'google/ddpm-cifar10-32'", "revision 'main'")
+    assert "load_backbone('ddpm-cifar10-32', path=FILE)" in message
+
+
+def test_unreachable_url_weights(silent_endpoint, monkeypatch, tmp_path):
+    w = hub.Weights(name="tiny-url", config={}, url=f"{hub.constants.ENDPOINT}/tiny.pt", sha256="0" * 64)
+    _fails_fast(lambda: hub.weights_file(w, cache_dir=tmp_path), "weights 'tiny-url'", "cannot be reached")
+
+
+def test_torch_hub_entry_point(offline):
+    repo = Path(__file__).resolve().parents[1]
+    _fails_fast(lambda: torch.hub.load(str(repo), "diff_purify", source="local", pretrained=True,
+                                       weights="ddpm-cifar10-32"), "'google/ddpm-cifar10-32'", "Offline mode is on")
