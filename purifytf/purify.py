@@ -24,33 +24,25 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "load_purifier",
-           "purifier_names", "purify_files", "read_image", "run"]
+__all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "load_purifier", "purify_files",
+           "read_image", "run"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _GREY_MODES = ("1", "L", "LA")
-DEFAULT_PURIFIER = "saliency_diff_purify"
+DEFAULT_PURIFIER = "saliency_diffpure.fashion_mnist"
 """The embedded default: SaliencyDiffPurify on the bundled Fashion-MNIST DDPM (28x28 grey, 10 NFE)."""
 
 
-def purifier_names() -> list[str]:
-    """Names ``--purifier`` takes (besides a saved directory)."""
-    from . import pretrained
-
-    return sorted(name for name in pretrained.__all__ if name.endswith("_purify"))
-
-
 def load_purifier(spec: str) -> nn.Module:
-    """A saved directory (``save_pretrained``), or a listed name with its pretrained (embedded) weights."""
-    if Path(spec).is_dir():
-        from .base import Purifier
+    """A saved directory or Hub repo id (``save_pretrained``), or a name of :func:`purifytf.factory.list_purifiers`
+    with its pretrained weights."""
+    from .factory import create_purifier, list_purifiers, load_purifier
 
-        return Purifier.from_pretrained(spec)
-    if spec not in purifier_names():
-        raise ValueError(f"unknown purifier {spec!r}: give a saved directory or one of {purifier_names()}")
-    from . import pretrained
-
-    return getattr(pretrained, spec)(pretrained=True)
+    if spec in list_purifiers():
+        return create_purifier(spec, pretrained=True)
+    if Path(spec).is_dir() or spec.count("/") == 1:
+        return load_purifier(spec)
+    raise ValueError(f"unknown purifier {spec!r}: give a saved directory, a Hub repo id or one of {list_purifiers()}")
 
 
 def collect_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -136,8 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PNG/JPEG files or folders; or exactly IN OUT (two files) without --out")
     parser.add_argument("--out", type=Path, help="output folder (created); inputs are never overwritten")
     parser.add_argument("--purifier", default=DEFAULT_PURIFIER,
-                        help=f"a saved purifier directory or one of: {', '.join(purifier_names())} "
-                             f"(embedded Fashion-MNIST weights; default {DEFAULT_PURIFIER})")
+                        help="a name of `purifytf.factory.list_purifiers()` (pretrained weights; *.fashion_mnist are "
+                             f"embedded), a saved directory or a Hub repo id (default {DEFAULT_PURIFIER})")
     parser.add_argument("--seed", type=int, help="deterministic purification with this seed")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=16)

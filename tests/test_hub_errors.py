@@ -74,3 +74,11 @@ def test_torch_hub_entry_point(offline):
     repo = Path(__file__).resolve().parents[1]
     _fails_fast(lambda: torch.hub.load(str(repo), "diff_purify", source="local", pretrained=True,
                                        weights="ddpm-cifar10-32"), "'google/ddpm-cifar10-32'", "Offline mode is on")
+
+
+def test_factory_create_and_load(offline):
+    from purifytf.factory import create_purifier, load_purifier
+
+    _fails_fast(lambda: create_purifier("diffpure.ddpm_cifar10", pretrained=True), "weights 'ddpm-cifar10-32'",
+                "'google/ddpm-cifar10-32'", "revision 'main'", "Offline mode is on")
+    _fails_fast(lambda: load_purifier(REPO, revision="abc"), repr(REPO), "revision 'abc'", "Offline mode is on")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from purifytf import DiffPurify, OracleBackbone, pretrained
+from purifytf import DiffPurify, OracleBackbone
 from purifytf.__main__ import main
+from purifytf.factory import create_purifier
 from purifytf.purify import read_image
 
 
@@ -34,7 +35,7 @@ def test_folder_output_is_the_python_api_result(tmp_path, images, capsys):
     assert main(["purify", str(tmp_path / "in"), "--out", str(out), "--seed", "0", "--device", "cpu"]) == 0
     assert "purified 2 images with SaliencyDiffPurify (10 network calls per image)" in capsys.readouterr().out
     written = [out / "a.png", out / "sub" / "b.png"]
-    purifier = pretrained.saliency_diff_purify(pretrained=True, seed=0)
+    purifier = create_purifier("saliency_diffpure.fashion_mnist", pretrained=True, seed=0)
     with torch.no_grad():
         expected = purifier(torch.stack([read_image(p, 1) for p in images]))
     for path, x in zip(written, expected, strict=True):
