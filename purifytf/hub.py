@@ -338,12 +338,18 @@ def load_backbone_dir(directory: str | Path, map_location: str | torch.device = 
     return Backbone.from_pretrained(directory, map_location=str(map_location))
 
 
-def model_card(purifier: Any, weights: str | Weights | None = None, **card_data: Any) -> ModelCard:
+def model_card(purifier: Any, weights: str | Weights | None = None, *, eval_run: str | Path | None = None,
+               **card_data: Any) -> ModelCard:
     """Set the purifier's Hub card metadata (``purifier.card_data``) from its backbone ``weights``
-    (``datasets``, ``license``, ``base_model``) and ``card_data`` (e.g. ``metrics``); return its card.
+    (``datasets``, ``license``, ``base_model``), an ``eval_run`` (the ``--output`` folder of ``purifytf eval``:
+    its results as the card's ``model-index``) and ``card_data`` (e.g. ``metrics``); return its card.
 
     ``save_pretrained``/``push_to_hub`` then write the same card as ``README.md``.
     """
+    if eval_run is not None:
+        from .evaluation.report import card_data as eval_card_data
+
+        card_data = {**eval_card_data(eval_run), **card_data}
     meta = {k: v for k, v in (get_weights(weights).card if weights is not None else {}).items()
             if k in purifier.CARD_KEYS}
     purifier.card_data = {**purifier.card_data, **meta, **card_data}

@@ -189,3 +189,52 @@ def test_dataset_formats(tmp_path):
         Image.new("RGB", (6, 5), (255, 0, 0)).save(tmp_path / "folder" / name / "0.png")
     image, label = load_dataset(f"folder:{tmp_path / 'folder'}", size=4)[1]
     assert image.shape == (3, 4, 4) and label == 1 and image[0].min() > 0.99 and image[1].max() < 0.01
+
+
+def test_reports_robustbench_model_info_and_hub_model_index(setup, tmp_path):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    import toy_eval
+    from purifytf import hub
+
+    out = tmp_path / "out"
+    assert main([*setup, "--output", str(out), "--model-name", "toy defence"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    info = json.loads((out / "model_info.json").read_text())
+    percent = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    assert {k: info[k] for k in ("name", "dataset", "threat_model", "eps", "number_forward_passes")} == {
+        "name": "toy defence", "dataset": "data", "threat_model": "Linf", "eps": "24/255", "number_forward_passes": 3}
+    assert info["clean_acc"] == percent(summary["clean_accuracy"])
+    assert info["autoattack_acc"] == percent(summary["robust_accuracy"]["autoattack-rand"])
+    assert info["external"] == percent(summary["robust_accuracy_overall"])  # every attack here is Linf
+    ours = info["purifytf"]
+    assert ours["images"] == NUM_IMAGES and ours["seed"] == 5 and ours["batch_size"] == 2
+    assert ours["settings"]["steps"] == 3 and ours["settings"]["eot"] == 2 and ours["attacks"] == ATTACKS
+
+    index = yaml.safe_load((out / "model_index.yaml").read_text())["model-index"][0]
+    assert index["name"] == "toy defence"
+
+    purifier = toy_eval.purifier()
+    hub.model_card(purifier, eval_run=out)
+    purifier.save_pretrained(tmp_path / "saved")
+    results = ModelCard.load(tmp_path / "saved" / "README.md").data.eval_results
+    assert [(r.dataset_name, r.metric_type, r.metric_value) for r in results] == [
+        ("data", "accuracy", float(info[k])) for k in ("clean_acc", "autoattack_acc", "external")]
+    assert "AutoAttack" in results[1].metric_name and "pgd-eot-linf@bpda" in results[2].metric_name
+    assert "Linf eps=24/255" in results[2].metric_name
+
+
+def test_model_info_threat_model_and_eps():
+    from purifytf.evaluation.report import eps_text, model_info, threat_model
+
+    assert [eps_text(v) for v in (8 / 255, 4 / 255, 0.5, 0.031)] == ["8/255", "4/255", "0.5", "0.031"]
+    assert [threat_model(a) for a in ("pgd-eot-l2-sign", "bpda-eot", "fgsm@transfer", "cw")] == [
+        "L2", "Linf", "Linf", None]
+    summary = {"images": 4, "clean_accuracy": 0.75, "robust_accuracy": {"pgd-eot-l2": 0.5, "cw": 0.0},
+               "robust_accuracy_by_threat_model": {"L2": 0.5}, "nfe_per_purification": 2, "seeds": "",
+               "config": {"settings": {"eps": 8 / 255, "eps_l2": 0.5}, "runs": 1, "seed": 0, "batch_size": 4,
+                          "vote": "majority"}}
+    info = model_info(summary, "m", "cifar10")
+    assert (info["threat_model"], info["eps"], info["external"]) == ("L2", "0.5", "50.00")
+    assert "autoattack_acc" not in info

@@ -20,6 +20,7 @@ import os
 import sys
 from datetime import timedelta
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,11 +30,13 @@ from ..defended import DefendedModel
 from .data import load_dataset
 from .harness import evaluate, summary_markdown
 from .loading import load_classifier, load_purifier, parse_normalize, parse_options
+from .report import write_reports
 
-__all__ = ["add_arguments", "run", "main", "select_indices"]
+__all__ = ["add_arguments", "dataset_name", "run", "main", "select_indices"]
 
 _DIST_TIMEOUT = timedelta(days=7)  # ranks wait for the slowest one before the summary
-_NOT_IN_CONFIG = ("command", "output", "num_images", "device", "progress", "checkpoint")  # results independent of these
+_NOT_IN_CONFIG = ("command", "output", "num_images", "device", "progress", "checkpoint", "model_name",
+                  "dataset_name")  # results independent of these
 
 
 def _fraction(text: str) -> float:
@@ -92,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="images attacked together (results depend on it: it is part of the run's config)")
     run_group.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     run_group.add_argument("--no-progress", dest="progress", action="store_false")
+    report = parser.add_argument_group("reports (model_info.json, model_index.yaml)")
+    report.add_argument("--model-name", help="name of the defence in the reports (default: PURIFIER + CLASSIFIER)")
+    report.add_argument("--dataset-name", help="dataset name in the reports (default: from --dataset, e.g. cifar10)")
 
 
 def select_indices(size: int, count: int | None, shuffle_seed: int | None) -> list[int]:
@@ -137,8 +143,17 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
                     batch_size=args.batch_size, config=config, progress=args.progress)
 
 
+def dataset_name(spec: str) -> str:
+    """Dataset name for the reports: ``torchvision:CIFAR10:ROOT`` -> ``cifar10``, ``npz:dir/test.npz`` -> ``test``."""
+    kind, _, argument = spec.partition(":")
+    if kind in ("bundled", "torchvision"):
+        return argument.partition(":")[0].lower()
+    return Path(argument.partition(",")[0].rstrip("/")).stem
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the evaluation; prints the summary (rank 0). Returns the exit status (2: bad arguments)."""
+    """Run the evaluation; prints the summary and writes the reports (rank 0). Returns the exit status
+    (2: bad arguments)."""
     device = _device(args)
     distributed = _init_distributed(device)
     try:
@@ -150,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         if distributed:
             dist.destroy_process_group()
     if summary is not None:
+        write_reports(args.output, summary, args.model_name or f"{args.purifier} + {args.classifier}",
+                      args.dataset_name or dataset_name(args.dataset))
         print(summary_markdown(summary))
     return 0
 

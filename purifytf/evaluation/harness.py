@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..attacks import Attack, AttackSettings
 from ..defended import DefendedModel
 from ..nfe import count_nfe
+from .report import threat_model
 
 __all__ = ["evaluate", "evaluate_batch", "load_records", "summarize", "summary_markdown"]
 
@@ -229,12 +230,17 @@ def _mean(values) -> float:
 
 
 def summarize(records: Sequence[dict], attacks: Sequence[Attack], config: dict | None = None) -> dict:
-    """Accuracies and costs over per-image records (in [0, 1]; memory in MiB)."""
+    """Accuracies and costs over per-image records (in [0, 1]; memory in MiB). Robust accuracy per threat
+    model (Linf, L2; :func:`~purifytf.evaluation.report.threat_model`) is the per-image minimum over its attacks."""
     return {
         "images": len(records),
         "clean_accuracy": _mean(r["clean_correct"] for r in records),
         "robust_accuracy": {a.name: _mean(r["attacks"][a.name]["robust"] for r in records) for a in attacks},
         "robust_accuracy_overall": _mean(r["robust"] for r in records),
+        "robust_accuracy_by_threat_model": {
+            model: _mean(r["clean_correct"] and all(r["attacks"][a.name]["robust"] for a in attacks
+                                                    if threat_model(a.name) == model) for r in records)
+            for model in dict.fromkeys(threat_model(a.name) for a in attacks) if model is not None},
         "nfe_per_purification": _mean(r["nfe"] for r in records),
         "seconds_per_image": _mean(r["seconds"] for r in records),
         "peak_memory_mib": max((r["peak_memory_mib"] for r in records), default=float("nan")),
