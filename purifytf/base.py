@@ -67,7 +67,7 @@ class Purifier(
             points fill it from their weights (see :func:`purifytf.hub.model_card`).
     """
 
-    CARD_KEYS = ("datasets", "license", "base_model", "metrics", "pipeline_tag")
+    CARD_KEYS = ("datasets", "license", "base_model", "metrics", "pipeline_tag", "model_name", "eval_results")
 
     _transformed_types = (_is_image_like,)
 
