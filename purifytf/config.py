@@ -18,14 +18,15 @@ construction (e.g. an architecture) and saved as it was given. Values that are m
 import inspect
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import PyTorchModelHubMixin, constants
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from safetensors import SafetensorError
 from torch import nn
 
-__all__ = ["CLASS_KEY", "Configurable", "config_class", "read_config"]
+__all__ = ["CLASS_KEY", "Configurable", "config_class", "read_config", "set_downloader"]
 
 CLASS_KEY = "_class_name"
 """Key of ``config.json`` naming the saved class."""
@@ -41,13 +42,27 @@ def config_class(name: str) -> type:
     return _CLASSES[name]
 
 
+def _hf_download(repo_id: str, filename: str, **download) -> Path:
+    return Path(hf_hub_download(repo_id, filename, **download))
+
+
+_DOWNLOAD: list[Callable[..., Path]] = [_hf_download]
+
+
+def set_downloader(download: Callable[..., Path]) -> None:
+    """Route the Hub downloads of ``from_pretrained`` through ``download(repo_id, filename, **options)``.
+
+    :mod:`purifytf.hub` installs its ``hub_download`` (one download path with clear errors) when imported,
+    which ``import purifytf`` does; this module stays below it in the import graph.
+    """
+    _DOWNLOAD[0] = download
+
+
 def _hub_file(name_or_path: str | Path, filename: str, download: dict) -> Path:
     """``filename`` of a local folder, or of a Hub repo (downloaded or from the cache)."""
     if os.path.isdir(name_or_path):
         return Path(name_or_path) / filename
-    from .hub import hub_download  # the one Hub download path, with its clear errors (hub imports this module)
-
-    return hub_download(str(name_or_path), filename, **download)
+    return _DOWNLOAD[0](str(name_or_path), filename, **download)
 
 
 def read_config(name_or_path: str | Path, **download) -> dict:
@@ -156,8 +171,7 @@ class Configurable(PyTorchModelHubMixin):
         unknown = sorted(set(config) - set(params))
         if unknown:
             raise ValueError(f"{cls.__name__} config has settings {unknown} that its constructor does not take")
-        args = {name: Configurable._build_config(value, kwargs, used) if _is_nested(value) else value
-                for name, value in config.items()}
+        args = {name: cls._decode(name, value, kwargs, used) for name, value in config.items()}
         taken = {name: value for name, value in kwargs.items() if name in params}
         used.update(taken)
         required = cls._hub_mixin_init_parameters
@@ -166,6 +180,17 @@ class Configurable(PyTorchModelHubMixin):
             raise TypeError(f"loading a {cls.__name__} needs {', '.join(f'{n}=...' for n in missing)}: not saved in "
                             f"config.json (a module's architecture is not JSON; its weights are loaded from the file)")
         return cls(**{**args, **taken})
+
+    @classmethod
+    def _decode(cls, name: str, value: Any, kwargs: dict[str, Any], used: set[str]) -> Any:
+        """A setting as the constructor takes it: nested configs (also those of a legacy format, recognised
+        by the parameter's annotation) rebuilt."""
+        annotation = cls._hub_mixin_init_parameters[name].annotation
+        if _is_nested(value):
+            return Configurable._build_config(value, kwargs, used)
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, Configurable):
+            return annotation._build_config(value, kwargs, used)
+        return value
 
     # --- saving and loading ------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, **kwargs):
