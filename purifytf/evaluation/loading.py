@@ -68,9 +68,9 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
         if not cls:
             raise ValueError(f"loading purifier {spec!r} needs its class, e.g. --purifier-class DiffPurify "
                              "(config.json does not name it)")
-        from ..base import purifier_class
+        from ..factory import load_purifier as load_saved
 
-        purifier = purifier_class(cls).from_pretrained(spec, **options)
+        purifier = load_saved(spec, **options)  # config.json names the class
     if not isinstance(purifier, nn.Module):
         raise ValueError(f"purifier {spec!r} is a {type(purifier).__name__}, not an nn.Module")
     if checkpoint:
