@@ -1,0 +1,434 @@
+"""The study of issue 17: do heterogeneous (SaliencyDiffPurify) and sample-specific (SSNI) noise beat uniform
+DiffPure at equal NFE, with enough images to tell?
+
+Every row is a defence (a purifier of :func:`purifytf.create_purifier` on the embedded Fashion-MNIST models,
+majority vote of ``--runs`` fresh purifications) evaluated by :func:`purifytf.evaluation.evaluate`: batched
+attacks (fixed batches of ``--batch-size`` consecutive images, seed ``--seed`` + the batch's first index, so
+every row sees the same images and seeds), per-image records written as they come (jsonl), resumable across
+sittings: rerun the same command and only missing batches run. An image is robust only if its clean
+prediction is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on,
+the per-image minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and
+sampler: difference in robust and clean accuracy, Newcombe's paired 95 % interval and the exact McNemar
+p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with sign steps of
+``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2`` and
+Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture (an
+all-convolutional net no purifier setting was tuned on) is trained once, reproducibly, into ``--cache``.
+
+    python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 5        # one sitting; rerun to resume
+    python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
+    python benchmarks/study.py --images 64 --rows "DiffPurify DDPM t*=0.1" "SaliencyDiffPurify default" --threats linf
+
+Writes per-image records under ``--records`` (default ``benchmarks/results/study/``),
+``benchmarks/results/study.json`` and ``benchmarks/results/study.md`` (the tables for MODEL_CARD.md and README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from purifytf import DefendedModel, create_purifier
+from purifytf.attacks import AttackSettings, parse_attacks
+from purifytf.classifiers import fashion_mnist_cnn
+from purifytf.evaluation import evaluate, load_dataset, load_records
+from purifytf.evaluation.stats import paired_comparison, wilson_interval
+from purifytf.nfe import count_nfe
+from purifytf.saliency import find_stages
+
+RESULTS = Path(__file__).parent / "results"
+FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")
+
+THREATS: dict[str, dict[str, Any]] = {
+    "linf": {"title": "Linf 8/255", "attacks": "pgd-eot-linf,autoattack-rand", "norm": "Linf"},
+    "l2": {"title": "L2 0.5", "attacks": "pgd-eot-l2,pgd-eot-l2-sign", "norm": "L2"},
+}
+"""Threat -> its attacks (robust accuracy: the per-image minimum over them)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One defence of the study.
+
+    Attributes:
+        name: table name.
+        variant: a :func:`purifytf.list_purifiers` name (``None``: no defence).
+        settings: overrides of the variant's settings (``stages="deepest"``: the classifier's deepest stage only).
+        attacked: purifier overrides per attacked version of the same defence (SSNI's ``score_grad`` off and
+            on); the row's robust accuracy is the per-image minimum over them.
+        view: the attacks' view (``"surrogate"``: the saliency paper's non-adaptive attack).
+        baselines: the DiffPure rows of equal NFE and sampler this row is compared with.
+    """
+
+    name: str
+    variant: str | None
+    settings: dict = field(default_factory=dict)
+    attacked: tuple[dict, ...] = ({},)
+    view: str = "adaptive"
+    baselines: tuple[str, ...] = ()
+
+
+_DDPM_10, _DDIM_10 = {"steps": 10, "sampler": "ddpm"}, {"steps": 10, "sampler": "ddim"}
+_SSNI_VIEWS = ({"score_grad": False}, {"score_grad": True})
+_DDIM_BASELINES = ("DiffPurify DDIM t*=0.1", "DiffPurify DDIM t*=0.2")
+
+ROWS: tuple[Row, ...] = (
+    Row("no defence", None),
+    Row("DiffPurify DDPM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDPM_10}),
+    Row("DiffPurify DDIM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDIM_10}),
+    Row("DiffPurify DDPM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDPM_10}),
+    Row("DiffPurify DDIM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDIM_10}),
+    Row("DiffPurify DDIM t*=0.2, 100 steps", "diffpure.fashion_mnist",
+        {"t_star": 0.2, "steps": 100, "sampler": "ddim"}),
+    Row("SaliencyDiffPurify default", "saliency_diffpure.fashion_mnist", baselines=_DDIM_BASELINES),
+    Row("SaliencyDiffPurify reference (spacing 2, U=3)", "saliency_diffpure.fashion_mnist",
+        {"spacing": 2, "resample_steps": 3}, baselines=("DiffPurify DDIM t*=0.2, 100 steps",)),
+    Row("SaliencyDiffPurify top-k 15 %", "saliency_diffpure.fashion_mnist", {"mask": "topk", "fraction": 0.15},
+        baselines=_DDIM_BASELINES),
+    Row("SaliencyDiffPurify top-k 30 %", "saliency_diffpure.fashion_mnist", {"mask": "topk", "fraction": 0.3},
+        baselines=_DDIM_BASELINES),
+    Row("SaliencyDiffPurify deepest stage only", "saliency_diffpure.fashion_mnist", {"stages": "deepest"},
+        baselines=_DDIM_BASELINES),
+    Row("SaliencyDiffPurify continuous mask", "saliency_diffpure.fashion_mnist", {"mask": "continuous"},
+        baselines=_DDIM_BASELINES),
+    Row("SaliencyDiffPurify mask_grad=True (adaptive)", "saliency_diffpure.fashion_mnist", {"mask_grad": True},
+        baselines=_DDIM_BASELINES),
+    Row("SaliencyDiffPurify default, paper's 2-call uniform surrogate attack (NOT adaptive)",
+        "saliency_diffpure.fashion_mnist", view="surrogate", baselines=_DDIM_BASELINES),
+    Row("SSNI on DiffPurify DDPM t*=0.1", "ssni_diffpure.fashion_mnist", {"steps": 10}, _SSNI_VIEWS,
+        baselines=("DiffPurify DDPM t*=0.1",)),
+    Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
+        baselines=_DDIM_BASELINES),
+    Row("IMPurify", "impure.fashion_mnist"),
+    Row("JPEG q=75", "jpeg", {"quality": 75}),
+)
+"""The rows of issue 17, item 3, on the embedded backbone."""
+
+SECOND_CLASSIFIER_ROWS = ("no defence", "DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1", "DiffPurify DDIM t*=0.2",
+                          "SaliencyDiffPurify default", "SSNI on DiffPurify DDPM t*=0.1", "IMPurify", "JPEG q=75")
+CONVERGENCE_ROWS = ("DiffPurify DDPM t*=0.1", "SaliencyDiffPurify default", "SSNI on DiffPurify DDPM t*=0.1")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Attack budget and protocol of a study (see the module doc)."""
+
+    images: int = 512
+    large_images: int = 256
+    large_nfe: int = 50
+    steps: int = 20
+    eot: int = 4
+    runs: int = 5
+    batch_size: int = 32
+    seed: int = 0
+
+    def settings(self, threat: str, scale: int = 1) -> AttackSettings:
+        """Attack settings of ``threat``; ``scale`` multiplies steps and EOT (the convergence check)."""
+        steps = self.steps * scale
+        return AttackSettings(eps=8 / 255, step=2.5 * (8 / 255) / steps if threat == "linf" else 0.007, steps=steps,
+                              apgd_steps=steps, eot=self.eot * scale, eps_l2=0.5)
+
+    def images_for(self, nfe: int) -> int:
+        return min(self.images, self.large_images) if nfe >= self.large_nfe else self.images
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def make_purifier(variant: str | None, classifier: nn.Module, **settings: Any) -> nn.Module | None:
+    """The one way the study builds a defence: :func:`purifytf.create_purifier` with bundled weights."""
+    if variant is None:
+        return None
+    if settings.get("stages") == "deepest":
+        settings["stages"] = find_stages(classifier, torch.zeros(1, 1, 28, 28))[-1:]
+    if "saliency" in variant:
+        settings["classifier"] = classifier
+    return create_purifier(variant, pretrained=True, **settings)
+
+
+def all_conv_net() -> nn.Module:
+    """The second classifier: all-convolutional (strided 3x3 convs, global average pooling; 0.29M parameters),
+    unlike the bundled SmallCNN (max pooling, dense head). Input (B, 1, 28, 28) in [0, 1]; logits (B, 10)."""
+    def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(block(1, 32, 1), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2), block(128, 128, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def second_classifier(cache: Path, data: Path = FASHION_MNIST_IDX, steps: int = 1500, seed: int = 0) -> nn.Module:
+    """:func:`all_conv_net` trained by the project's classifier recipe on the Fashion-MNIST training set
+    (IDX files in ``data``), cached in ``cache`` (``model.safetensors`` + ``metrics.json``); eval mode."""
+    import safetensors.torch
+
+    from purifytf.train.classifier import ClassifierTrainer, accuracy
+    from purifytf.train.data import ArrayData, read_idx, to_images
+    from purifytf.train.loop import OptimConfig
+
+    torch.manual_seed(seed)
+    model = all_conv_net()
+    weights = cache / "model.safetensors"
+    if weights.exists():
+        safetensors.torch.load_model(model, weights)
+        return model.eval()
+
+    def split(prefix: str) -> ArrayData:
+        return ArrayData(to_images(read_idx(data / f"{prefix}-images-idx3-ubyte.gz")),
+                         read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype("int64"))
+
+    config = OptimConfig(steps=steps, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.05,
+                         betas=(0.9, 0.999), seed=seed, checkpoint_every=10**9)
+    start = time.perf_counter()
+    ClassifierTrainer(model, split("train"), config).fit(None)
+    cache.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(model, weights)
+    metrics = {"architecture": "all_conv_net", "seed": seed, "steps": steps, "batch_size": 128,
+               "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
+               "test_accuracy": accuracy(model, split("t10k"))}
+    (cache / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return model.eval()
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _nfe(purifier: nn.Module | None, sample: torch.Tensor) -> int:
+    if purifier is None:
+        return 0
+    with torch.no_grad(), count_nfe() as counter:
+        purifier(sample)
+    return counter.count
+
+
+def _tau(purifier: nn.Module | None) -> float | None:
+    """SSNI's temperature: the given ``tau`` or the calibrated score-norm std it defaults to."""
+    if purifier is None or not hasattr(purifier, "eps_steps"):
+        return None
+    return purifier.tau if purifier.tau is not None else purifier.stats["std"]
+
+
+def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset, budget: Budget,
+            records: Path, scale: int = 1, limit: int | None = None, progress: bool = True) -> dict:
+    """Evaluate one row (every attacked version) and return its per-image outcomes and cost.
+
+    Returns ``name``, ``indices``, ``clean`` and ``robust`` (per image, in index order), ``per_attack``
+    (attack name -> per-image robustness, minimum over the attacked versions), ``nfe``,
+    ``seconds_per_image`` (all attacked versions) and ``info`` (SSNI's ``tau``).
+    """
+    settings = budget.settings(threat, scale)
+    attacks = parse_attacks(",".join(f"{a}@{row.view}" if row.view != "adaptive" else a
+                                     for a in THREATS[threat]["attacks"].split(",")))
+    sample = dataset[0][0][None].to(next(classifier.parameters()).device)
+    outcomes, info = [], {}
+    for k, overrides in enumerate(row.attacked):
+        purifier = make_purifier(row.variant, classifier, **{**row.settings, **overrides})
+        purifier = purifier.to(sample.device) if purifier is not None else None
+        nfe = _nfe(purifier, sample)
+        n = min(budget.images_for(nfe), limit or budget.images, len(dataset))
+        indices = list(range(n))
+        defended = DefendedModel(purifier, classifier, runs=budget.runs, normalize=None)
+        folder = records / classifier_name / (threat if scale == 1 else f"{threat}-x{scale}") / _slug(row.name)
+        folder = folder / f"attacked-{k}" if len(row.attacked) > 1 else folder
+        config = {"row": row.name, "variant": row.variant, "settings": {**row.settings, **overrides},
+                  "view": row.view, "classifier": classifier_name}
+        evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
+                 batch_size=budget.batch_size, config=config, progress=progress)
+        found = load_records(folder)
+        outcomes.append([found[i] for i in indices])
+        info = {"tau": _tau(purifier)} if _tau(purifier) is not None else info
+    first = outcomes[0]
+    return {
+        "name": row.name, "indices": [r["index"] for r in first],
+        "clean": [r["clean_correct"] for r in first],
+        "robust": [all(o[i]["robust"] for o in outcomes) for i in range(len(first))],
+        "per_attack": {a.name: [all(o[i]["attacks"][a.name]["robust"] for o in outcomes) for i in range(len(first))]
+                       for a in attacks},
+        "nfe": first[0]["nfe"] if first else 0,
+        "seconds_per_image": sum(sum(r["seconds"] for r in o) / len(o) for o in outcomes),
+        "info": info,
+    }
+
+
+def _accuracy(outcomes: list[bool]) -> dict:
+    k, n = sum(outcomes), len(outcomes)
+    return {"accuracy": k / n, "interval": wilson_interval(k, n), "n": n}
+
+
+def compare(result: dict, baseline: dict) -> dict:
+    """Paired robust and clean differences (result minus baseline) on the images both rows evaluated."""
+    n = min(len(result["indices"]), len(baseline["indices"]))
+    if result["indices"][:n] != baseline["indices"][:n]:
+        raise ValueError(f"{result['name']!r} and {baseline['name']!r} were not run on the same images")
+    return {"vs": baseline["name"], "n": n,
+            "robust": paired_comparison(result["robust"][:n], baseline["robust"][:n]),
+            "clean": paired_comparison(result["clean"][:n], baseline["clean"][:n])}
+
+
+def summarize_row(result: dict, row: Row, by_name: dict[str, dict]) -> dict:
+    """A row of study.json: accuracies with Wilson intervals, cost, paired comparisons with its baselines."""
+    return {
+        "name": result["name"], "variant": row.variant, "settings": row.settings, "view": row.view,
+        "attacked": list(row.attacked), "n": len(result["indices"]), "nfe": result["nfe"],
+        "seconds_per_image": result["seconds_per_image"], "clean": _accuracy(result["clean"]),
+        "robust": _accuracy(result["robust"]),
+        "robust_per_attack": {name: _accuracy(v) for name, v in result["per_attack"].items()},
+        "comparisons": [compare(result, by_name[b]) for b in row.baselines if b in by_name], **result["info"],
+    }
+
+
+def run_study(rows: list[Row], classifiers: dict[str, nn.Module], threats: list[str], dataset: Dataset,
+              budget: Budget, records: Path, rows_per_classifier: dict[str, tuple[str, ...]] | None = None,
+              progress: bool = True) -> dict:
+    """Every (classifier, threat, row); returns ``{"tables": [...]}``, one table per classifier and threat."""
+    jobs = [(c, t, r) for c in classifiers for t in threats for r in rows
+            if rows_per_classifier is None or c not in rows_per_classifier or r.name in rows_per_classifier[c]]
+    results: dict[tuple[str, str], dict[str, dict]] = {}
+    bar = tqdm(jobs, desc="study", disable=not progress, dynamic_ncols=True)
+    for classifier_name, threat, row in bar:
+        bar.set_postfix_str(f"{classifier_name} {threat} {row.name}"[:60])
+        result = run_row(row, classifiers[classifier_name], classifier_name, threat, dataset, budget, records,
+                         progress=progress)
+        results.setdefault((classifier_name, threat), {})[row.name] = result
+    by_row = {r.name: r for r in rows}
+    tables = [{"classifier": c, "threat": t, "title": THREATS[t]["title"], "attacks": THREATS[t]["attacks"],
+               "rows": [summarize_row(res, by_row[name], found) for name, res in found.items()]}
+              for (c, t), found in results.items()]
+    return {"tables": tables}
+
+
+def convergence(rows: list[Row], classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset,
+                budget: Budget, records: Path, images: int, progress: bool = True) -> list[dict]:
+    """Robust accuracy at the study's budget and with steps and EOT doubled, on the first ``images`` images:
+    the paired difference (doubled minus study budget) should lie within 1 point."""
+    report = []
+    for row in rows:
+        base, doubled = (run_row(row, classifier, classifier_name, threat, dataset, budget, records, scale, images,
+                                 progress) for scale in (1, 2))
+        difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
+        report.append({"name": row.name, "threat": threat, "n": difference["n"],
+                       "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
+                       "robust_doubled": _accuracy(doubled["robust"])["accuracy"], "difference": difference,
+                       "converged": abs(difference["difference"]) <= 0.01})
+    return report
+
+
+# --- reporting --------------------------------------------------------------------------------------
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _with_interval(acc: dict) -> str:
+    low, high = acc["interval"]
+    return f"{_pct(acc['accuracy'])} [{_pct(low)}, {_pct(high)}]"
+
+
+def _difference(comparison: dict) -> str:
+    low, high = comparison["interval"]
+    return (f"{100 * comparison['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], "
+            f"p = {comparison['p_value']:.3g} ({comparison['only_a']}/{comparison['only_b']})")
+
+
+def markdown(study: dict) -> str:
+    """The study's tables (accuracies and differences in points)."""
+    b = study["budget"]
+    lines = [f"Fashion-MNIST bundled test slice; {b['images']} images per row ({b['large_images']} for rows of "
+             f">= {b['large_nfe']} NFE: the first ones), the same images and seeds for every row (seed {b['seed']} + "
+             f"the first index of each batch of {b['batch_size']}); {b['steps']} attack steps x {b['eot']} EOT, "
+             f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
+             "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images: "
+             "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
+             "minimum over the attacks listed."]
+    for table in study["tables"]:
+        lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", "",
+                  "| defence | n | NFE | s / image | clean | robust | vs DiffPure (equal NFE, sampler) | "
+                  "robust difference | clean difference |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
+        for row in table["rows"]:
+            comparisons = row["comparisons"] or [None]
+            tau = f" (tau {row['tau']:.3g})" if row.get("tau") is not None else ""
+            for i, c in enumerate(comparisons):
+                head = (f"| {row['name']}{tau} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
+                        f"{_with_interval(row['clean'])} | {_with_interval(row['robust'])} |"
+                        if i == 0 else "| | | | | | |")
+                tail = (f" {c['vs']} (n {c['n']}) | {_difference(c['robust'])} | {_difference(c['clean'])} |"
+                        if c else " | | |")
+                lines.append(head + tail)
+    if study.get("convergence"):
+        lines += ["", "### Attack-strength convergence (steps and EOT doubled)", "",
+                  "| defence | threat | n | robust | robust, doubled | difference | within 1 point |",
+                  "|---|---|---:|---:|---:|---|---|"]
+        for c in study["convergence"]:
+            lines.append(f"| {c['name']} | {c['threat']} | {c['n']} | {_pct(c['robust'])} | "
+                         f"{_pct(c['robust_doubled'])} | {_difference(c['difference'])} | "
+                         f"{'yes' if c['converged'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Budget()
+    for name in ("images", "large_images", "large_nfe", "steps", "eot", "runs", "batch_size", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these")
+    parser.add_argument("--threats", nargs="+", default=list(THREATS), choices=list(THREATS))
+    parser.add_argument("--classifiers", nargs="+", default=["cnn", "allconv"], choices=["cnn", "allconv"])
+    parser.add_argument("--convergence", action="store_true", help="also run steps and EOT doubled on a subset")
+    parser.add_argument("--convergence-images", type=int, default=128)
+    parser.add_argument("--records", type=Path, default=RESULTS / "study")
+    parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "purifytf" / "study" / "allconv")
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX, help="Fashion-MNIST IDX files (2nd classifier)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = Budget(**{k: getattr(args, k) for k in asdict(defaults)})
+    rows = [r for r in ROWS if not args.rows or any(key in r.name for key in args.rows)]
+    device = torch.device(args.device)
+    classifiers = {"cnn": fashion_mnist_cnn(pretrained=True)}
+    if "allconv" in args.classifiers:
+        classifiers["allconv"] = second_classifier(args.cache, args.data)
+    classifiers = {k: v.to(device) for k, v in classifiers.items() if k in args.classifiers}
+    dataset = load_dataset("bundled:fashion-mnist")
+    start = time.perf_counter()
+    study = run_study(rows, classifiers, args.threats, dataset, budget, args.records,
+                      {"allconv": SECOND_CLASSIFIER_ROWS}, progress=not args.no_progress)
+    if args.convergence:
+        chosen = [r for r in rows if r.name in CONVERGENCE_ROWS]
+        study["convergence"] = [c for t in args.threats for c in convergence(
+            chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images,
+            not args.no_progress)]
+    study |= {"budget": asdict(budget), "device": str(device),
+              "minutes_this_sitting": (time.perf_counter() - start) / 60,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}, {args.device}",
+              "records": str(args.records), "second_classifier": _metrics(args.cache)}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(study, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(study))
+    print(markdown(study))
+    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    return study
+
+
+def _metrics(cache: Path) -> dict | None:
+    path = cache / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+if __name__ == "__main__":
+    main()

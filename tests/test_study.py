@@ -1,0 +1,151 @@
+"""benchmarks/study.py: a tiny study end to end, resuming after an interruption, tables that agree with stats.py."""
+
+import gzip
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from purifytf.classifiers import fashion_mnist_cnn
+from purifytf.evaluation import harness, load_dataset, load_records
+from purifytf.evaluation.stats import paired_comparison, wilson_interval
+
+_SPEC = importlib.util.spec_from_file_location("study", Path(__file__).resolve().parents[1] / "benchmarks" / "study.py")
+study = sys.modules["study"] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(study)
+
+TINY = study.Budget(images=4, large_images=2, large_nfe=2, steps=1, eot=1, runs=1, batch_size=2, seed=0)
+ROWS = [study.Row("no defence", None),
+        study.Row("DiffPurify 2 steps", "diffpure.fashion_mnist", {"steps": 2}),
+        study.Row("JPEG, attacked twice", "jpeg", {"quality": 75}, attacked=({}, {"quality": 75}),
+                  baselines=("DiffPurify 2 steps", "no defence"))]
+TIMING = {"seconds", "peak_memory_mib"}
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return fashion_mnist_cnn(pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset("bundled:fashion-mnist")
+
+
+def _without_timing(record: dict) -> dict:
+    record = {k: v for k, v in record.items() if k not in TIMING}
+    record["attacks"] = {name: {k: v for k, v in r.items() if k not in TIMING} for name, r in record["attacks"].items()}
+    return record
+
+
+def _all_records(folder: Path) -> dict[str, dict]:
+    return {str(path.parent.relative_to(folder)): {i: _without_timing(r) for i, r in load_records(path.parent).items()}
+            for path in sorted(folder.rglob("images.jsonl"))}
+
+
+def test_tiny_study_end_to_end(tmp_path, classifier, dataset):
+    result = study.run_study(ROWS, {"cnn": classifier}, ["linf"], dataset, TINY, tmp_path, progress=False)
+    (table,) = result["tables"]
+    rows = {r["name"]: r for r in table["rows"]}
+    assert (rows["no defence"]["n"], rows["DiffPurify 2 steps"]["n"], rows["JPEG, attacked twice"]["n"]) == (4, 2, 4)
+    assert rows["DiffPurify 2 steps"]["nfe"] == 2 and rows["no defence"]["nfe"] == 0
+    jpeg = rows["JPEG, attacked twice"]
+    assert [c["vs"] for c in jpeg["comparisons"]] == ["DiffPurify 2 steps", "no defence"]
+    assert [c["n"] for c in jpeg["comparisons"]] == [2, 4]  # a 2-NFE row ran on the first large_images only
+    folders = _all_records(tmp_path)
+    assert set(folders) == {"cnn/linf/no-defence", "cnn/linf/diffpurify-2-steps",
+                            "cnn/linf/jpeg-attacked-twice/attacked-0", "cnn/linf/jpeg-attacked-twice/attacked-1"}
+    for name, expected in (("robust", jpeg["robust"]), ("clean", jpeg["clean"])):
+        outcomes = [r[f"{name}_correct" if name == "clean" else name] for r in
+                    folders["cnn/linf/jpeg-attacked-twice/attacked-0"].values()]
+        if name == "robust":  # the per-image minimum over both attacked versions
+            outcomes = [a and b["robust"] for a, b in
+                        zip(outcomes, folders["cnn/linf/jpeg-attacked-twice/attacked-1"].values(), strict=True)]
+        assert expected["accuracy"] == sum(outcomes) / 4
+        assert tuple(expected["interval"]) == wilson_interval(sum(outcomes), 4)
+    assert set(jpeg["robust_per_attack"]) == {"pgd-eot-linf", "autoattack-rand"}
+
+
+def test_paired_numbers_of_the_table_agree_with_stats(tmp_path, classifier, dataset):
+    result = study.run_study(ROWS, {"cnn": classifier}, ["linf"], dataset, TINY, tmp_path, progress=False)
+    result |= {"budget": TINY.__dict__, "machine": "test"}
+    text = study.markdown(result)
+    jpeg = next(r for r in result["tables"][0]["rows"] if r["name"] == "JPEG, attacked twice")
+    versions = [load_records(tmp_path / "cnn/linf/jpeg-attacked-twice" / f"attacked-{k}") for k in (0, 1)]
+    for comparison in jpeg["comparisons"]:
+        base = load_records(tmp_path / "cnn/linf" / study._slug(comparison["vs"]))
+        indices = sorted(base)[:comparison["n"]]
+        robust = [all(v[i]["robust"] for v in versions) for i in indices]
+        expected = paired_comparison(robust, [base[i]["robust"] for i in indices])
+        assert comparison["robust"] == expected
+        expected_clean = paired_comparison([versions[0][i]["clean_correct"] for i in indices],
+                                           [base[i]["clean_correct"] for i in indices])
+        assert comparison["clean"] == expected_clean
+        assert f"{study._difference(expected)} | {study._difference(expected_clean)} |" in text
+
+
+def test_resume_after_an_interruption_gives_identical_records(tmp_path, classifier, dataset, monkeypatch):
+    rows = ROWS[:2]
+    study.run_study(rows, {"cnn": classifier}, ["linf"], dataset, TINY, tmp_path / "whole", progress=False)
+    calls = {"n": 0}
+    evaluate_batch = harness.evaluate_batch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return evaluate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(rows, {"cnn": classifier}, ["linf"], dataset, TINY, tmp_path / "resumed", progress=False)
+    assert len(load_records(tmp_path / "resumed/cnn/linf/no-defence")) == 2  # one batch was written
+    monkeypatch.setattr(harness, "evaluate_batch", evaluate_batch)
+    study.run_study(rows, {"cnn": classifier}, ["linf"], dataset, TINY, tmp_path / "resumed", progress=False)
+    assert _all_records(tmp_path / "resumed") == _all_records(tmp_path / "whole")
+
+
+def test_convergence_doubles_steps_and_eot(tmp_path, classifier, dataset):
+    (report,) = study.convergence(ROWS[:1], classifier, "cnn", "linf", dataset, TINY, tmp_path, images=2,
+                                  progress=False)
+    assert report["n"] == 2 and report["converged"] == (abs(report["robust_doubled"] - report["robust"]) <= 0.01)
+    run = json.loads((tmp_path / "cnn/linf-x2/no-defence/run.json").read_text())
+    assert (run["settings"]["steps"], run["settings"]["eot"]) == (2 * TINY.steps, 2 * TINY.eot)
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    result = study.main(["--rows", "no defence", "JPEG", "--classifiers", "cnn", "--threats", "linf", "l2",
+                         "--images", "2", "--steps", "1", "--eot", "1", "--runs", "1", "--batch-size", "2",
+                         "--records", str(tmp_path / "records"), "--output", str(tmp_path / "study.json"),
+                         "--no-progress", "--cache", str(tmp_path / "unused")])
+    assert json.loads((tmp_path / "study.json").read_text()) == json.loads(json.dumps(result))
+    text = (tmp_path / "study.md").read_text()
+    assert "### Linf 8/255, classifier cnn" in text and "pgd-eot-l2,pgd-eot-l2-sign" in text
+    assert [t["threat"] for t in result["tables"]] == ["linf", "l2"]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_second_classifier_is_trained_reproducibly_and_cached(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 128), ("t10k", 16)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    first = study.second_classifier(tmp_path / "a", tmp_path, steps=2)
+    again = study.second_classifier(tmp_path / "b", tmp_path, steps=2)
+    cached = study.second_classifier(tmp_path / "a", tmp_path / "no-data", steps=2)  # loads, does not train
+    for other in (again, cached):
+        for p, q in zip(first.state_dict().values(), other.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["test_accuracy"] <= 1
+    assert first(torch.rand(3, 1, 28, 28)).shape == (3, 10)
