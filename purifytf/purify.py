@@ -55,13 +55,17 @@ def collect_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
             if not found:
                 raise ValueError(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
             pairs += [(p, out / p.relative_to(item)) for p in found]
-        elif item.is_file():
-            if item.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"{item}: not a PNG or JPEG file ({', '.join(IMAGE_SUFFIXES)})")
-            pairs.append((item, out / item.name))
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            pairs.append((_image_file(item), out / item.name))
     return _check_destinations(pairs)
+
+
+def _image_file(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: not a PNG or JPEG file ({', '.join(IMAGE_SUFFIXES)})")
+    return path
 
 
 def _check_destinations(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
@@ -140,8 +144,11 @@ def _pairs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     if args.out is not None:
         return collect_images(args.inputs, args.out)
     if len(args.inputs) == 2 and args.inputs[0].is_file() and args.inputs[1].suffix.lower() in IMAGE_SUFFIXES:
-        (source, _), = collect_images(args.inputs[:1], Path())
-        return _check_destinations([(source, args.inputs[1])])
+        source, destination = args.inputs
+        if destination.exists():  # maybe a second input, not an output: never overwrite it
+            raise ValueError(f"{destination} exists: to purify both files give --out FOLDER; to replace an "
+                             "earlier output, delete it first")
+        return _check_destinations([(_image_file(source), destination)])
     raise ValueError("give the output: --out FOLDER, or exactly two files IN OUT")
 
 

@@ -192,10 +192,10 @@ def test_dataset_formats(tmp_path):
 
 
 def test_reports_robustbench_model_info_and_hub_model_index(setup, tmp_path):
+    import toy_eval
     import yaml
     from huggingface_hub import ModelCard
 
-    import toy_eval
     from purifytf import hub
 
     out = tmp_path / "out"

@@ -45,13 +45,13 @@ def test_folder_output_is_the_python_api_result(tmp_path, images, capsys):
     assert not np.array_equal(_pixels(written[0])[2], _pixels(images[0])[2])
 
 
-def test_one_file_in_one_out_jpeg_and_progress(tmp_path, capsys):
-    source = tmp_path / "photo.jpg"
-    Image.fromarray(np.full((30, 40), 128, np.uint8)).save(source)
-    before = source.read_bytes()
-    assert main(["purify", str(source), str(tmp_path / "clean.jpg"), "--batch-size", "1"]) == 0
+def test_one_file_in_one_out_jpeg_and_progress(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((30, 40), 128, np.uint8)).save("photo.jpg")
+    before = (tmp_path / "photo.jpg").read_bytes()
+    assert main(["purify", "photo.jpg", "clean.jpg", "--batch-size", "1"]) == 0
     mode, size, _ = _pixels(tmp_path / "clean.jpg")
-    assert mode == "L" and size == (40, 30) and source.read_bytes() == before
+    assert mode == "L" and size == (40, 30) and (tmp_path / "photo.jpg").read_bytes() == before
     assert "purify: 100%" in capsys.readouterr().err  # the progress bar
 
 
@@ -59,7 +59,9 @@ def test_never_overwrites_its_inputs(tmp_path, images, capsys):
     before = [p.read_bytes() for p in images]
     assert main(["purify", str(images[0]), "--out", str(images[0].parent), "--no-progress"]) == 2
     assert "refusing to overwrite the input" in capsys.readouterr().err
-    assert main(["purify", str(images[0]), str(images[0]), "--no-progress"]) == 2
+    for second in images:  # IN OUT with an existing OUT: maybe two inputs and a forgotten --out
+        assert main(["purify", str(images[0]), str(second), "--no-progress"]) == 2
+        assert "exists: to purify both files give --out FOLDER" in capsys.readouterr().err
     assert [p.read_bytes() for p in images] == before
 
 
