@@ -11,20 +11,23 @@ device, resizing, tv_tensor types, seeding, NFE bookkeeping).
 
 # No `from __future__ import annotations` here or in subclasses: the Hub mixin reads the
 # constructor's annotations at run time.
+import contextlib
+from collections.abc import Iterator
+
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .config import Configurable
 from .diffusion.schedule import NoiseSchedule
 from .inputs import check_images
-from .nfe import count_nfe
-from .random import make_generator
+from .nfe import total_nfe
+from .random import SampleStreams, Source
 
-__all__ = ["Purifier", "clamp01"]
+__all__ = ["Purifier", "clamp01", "freeze", "trainable"]
 
 
 def clamp01(x: Tensor) -> Tensor:
@@ -56,12 +59,23 @@ class Purifier(
     dtype, device and type, values in [0, 1]. Inputs whose size differs from the model's
     ``sample_size`` are resized to it (bilinear, antialiased) and the result is resized back.
 
-    Randomness: :meth:`purify` takes a ``torch.Generator``; with ``seed`` set every call draws from
-    a fresh generator seeded with it (a deterministic defence); otherwise the global RNG is used.
-    ``train()``/``eval()`` change nothing: wrapped networks always run in eval mode.
+    Randomness (:mod:`purifytf.random`): :meth:`purify` takes a ``torch.Generator`` (one draw per
+    batch); with ``seed`` set, every call draws from fresh per-sample streams of that seed (a
+    deterministic defence: an image's output depends on the image and the seed only, not on its
+    batch-mates or its position, on CPU and CUDA alike); otherwise the global RNG is used.
+
+    Frozen networks: every network assigned to a purifier (backbone, classifier, reconstruction
+    network, nested purifier) is frozen on assignment, ``requires_grad_(False)`` and eval mode, in
+    place. So an output carries autograd history only when the input requires grad, and gradients
+    reach the input only. To train a network or take gradients w.r.t. its parameters, ask for it:
+    ``purifier.network.requires_grad_(True)``, or for a block ``with trainable(network):`` (the
+    training recipes' steps run so, see :class:`purifytf.train.loop.Trainer`). ``train()`` and
+    ``eval()`` set the ``training`` flag only and change no output; a network put in train mode by
+    hand stays so until put back (nothing is re-checked per call).
 
     Attributes:
-        last_nfe: network evaluations per image of the last call.
+        last_nfe: network evaluations per image of the last call (counted in a tensor, see
+            :mod:`purifytf.nfe`: exact under ``torch.compile`` too).
         card_data: Hub card metadata beyond the mixin's (``datasets``, ``base_model``, ``metrics``, ...),
             written into the ``README.md`` of ``save_pretrained``/``push_to_hub``; the pretrained entry
             points fill it from their weights (see :func:`purifytf.hub.model_card`).
@@ -76,7 +90,7 @@ class Purifier(
     def __init__(self, seed: int | None = None):
         super().__init__()
         self.seed = seed
-        self.last_nfe = 0
+        self._nfe = torch.zeros((), dtype=torch.int64)
         self.card_data: dict = {}
 
     def generate_model_card(self, *args, **kwargs):
@@ -103,46 +117,36 @@ class Purifier(
         """Smallest image side the purifier can handle."""
         return 1
 
-    def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _purify(self, x: Tensor, generator: Source) -> Tensor:
         """(B, C, H, W) float in [0, 1] at ``sample_size`` -> purified (B, C, H, W)."""
         raise NotImplementedError
 
     # --- the public API ----------------------------------------------------------------------
-    def purify(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    @property
+    def last_nfe(self) -> int:
+        return int(self._nfe)
+
+    def purify(self, x: Tensor, generator: Source = None) -> Tensor:
         """Purify a plain tensor ``(C, H, W)`` or ``(..., C, H, W)`` in [0, 1]; see the class doc."""
         work, generator = self.prepare(x, generator)
-        with count_nfe() as counter:
-            out = self._purify(work, generator)
-        self.last_nfe = counter.count
+        start = total_nfe().clone()
+        out = self._purify(work, generator)
+        self._nfe = total_nfe() - start
         if out.shape[-2:] != x.shape[-2:]:
             out = _resize(out, tuple(x.shape[-2:]))
         return clamp01(out).to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
-    def prepare(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, torch.Generator | None]:
+    def prepare(self, x: Tensor, generator: Source = None) -> tuple[Tensor, Source]:
         """Checked ``(B, C, H, W)`` batch on the model's device and float dtype at ``sample_size``,
-        and the generator to draw from (a fresh seeded one when ``seed`` is set)."""
+        and the source of noise (fresh :class:`~purifytf.random.SampleStreams` when ``seed`` is set)."""
         batch = check_images(x, self.in_channels, self.min_size)
-        self.train(self.training)  # networks assigned or switched to train mode since go back to eval
         device, dtype = self._device_dtype(batch.device)
         if generator is None and self.seed is not None:
-            generator = make_generator(self.seed, device)
+            generator = SampleStreams(self.seed)
         work = clamp01(batch.to(device=device, dtype=dtype))
         if self.sample_size is not None and tuple(work.shape[-2:]) != self.sample_size:
             work = _resize(work, self.sample_size)
         return work, generator
-
-    def transform(self, inpt, params):
-        if isinstance(inpt, PIL.Image.Image):
-            check_images(inpt, None, 0)  # raises the PIL message
-        if isinstance(inpt, tv_tensors.TVTensor):
-            return tv_tensors.wrap(self.purify(inpt.as_subclass(Tensor)), like=inpt)
-        return self.purify(inpt)
-
-    def train(self, mode: bool = True):
-        """Sets the ``training`` flag only: wrapped networks stay in eval mode (same output either way)."""
-        super().train(False)
-        self.training = mode
-        return self
 
     def _device_dtype(self, default_device: torch.device) -> tuple[torch.device, torch.dtype]:
         """Device of the model's tensors, and float64 if the model was made double, else float32.
@@ -156,3 +160,41 @@ class Purifier(
         weights = [t for t in tensors if id(t) not in schedules] or tensors
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 
+    def transform(self, inpt, params):
+        if isinstance(inpt, PIL.Image.Image):
+            check_images(inpt, None, 0)  # raises the PIL message
+        if isinstance(inpt, tv_tensors.TVTensor):
+            return tv_tensors.wrap(self.purify(inpt.as_subclass(Tensor)), like=inpt)
+        return self.purify(inpt)
+
+    def train(self, mode: bool = True):
+        """Sets the ``training`` flag only: the networks stay in eval mode (same output either way)."""
+        self.training = mode
+        return self
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, nn.Module):
+            freeze(value)
+        super().__setattr__(name, value)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with ``requires_grad`` off on every parameter, in place: what purifiers
+    do to the networks assigned to them (undone for a block by :func:`trainable`)."""
+    return module.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def trainable(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block ``module`` is in train mode with gradients on every parameter (e.g. a purifier's
+    frozen network during a training step); its modes and ``requires_grad`` flags are restored after."""
+    flags = [p.requires_grad for p in module.parameters()]
+    modes = [m.training for m in module.modules()]
+    module.train().requires_grad_(True)
+    try:
+        yield module
+    finally:
+        for parameter, flag in zip(module.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
+        for submodule, mode in zip(module.modules(), modes, strict=True):
+            submodule.training = mode

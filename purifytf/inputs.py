@@ -36,10 +36,14 @@ def check_images(x: object, channels: int | None, min_size: int) -> Tensor:
                          f"(shape {tuple(x.shape)}); for (H, W, C) arrays add v2.ToImage()")
     if min(h, w) < min_size:
         raise ValueError(f"image of {h}x{w} is smaller than the {min_size}x{min_size} this purifier can handle")
+    lo, hi = torch.aminmax(x.detach())
+    if not (torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -RANGE_TOLERANCE) & (hi <= 1 + RANGE_TOLERANCE)):
+        _raise_values(x, lo, hi)  # one data-dependent branch: one graph break under torch.compile
+    return x.reshape(-1, c, h, w)
+
+
+def _raise_values(x: Tensor, lo: Tensor, hi: Tensor) -> None:
     if not torch.isfinite(x.detach()).all():
         raise ValueError("input contains NaN or Inf")
-    lo, hi = torch.aminmax(x.detach())
-    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-        raise ValueError(f"input values span [{lo.item():.3g}, {hi.item():.3g}], expected [0, 1]: purify "
-                         "before v2.Normalize, and scale 0-255 floats by 1/255")
-    return x.reshape(-1, c, h, w)
+    raise ValueError(f"input values span [{lo.item():.3g}, {hi.item():.3g}], expected [0, 1]: purify "
+                     "before v2.Normalize, and scale 0-255 floats by 1/255")

@@ -119,11 +119,14 @@ def test_differentiable(images):
     assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
     clf = tiny_cnn()
     p = SaliencyDiffPurify(oracle, clf, mask="continuous", mask_grad=True, seed=0)
+    clf.requires_grad_(True)  # purifiers freeze their networks: ask for parameter gradients explicitly
     x.grad = None
     p(x).square().sum().backward()
     assert torch.isfinite(x.grad).all() and clf[0].weight.grad.abs().sum() > 0  # through the saliency
     clf.zero_grad()
-    SaliencyDiffPurify(oracle, clf, seed=0)(x).sum().backward()
+    default = SaliencyDiffPurify(oracle, clf, seed=0)
+    clf.requires_grad_(True)
+    default(x).sum().backward()
     assert clf[0].weight.grad is None or clf[0].weight.grad.abs().sum() == 0  # default: no gradient via the mask
 
 

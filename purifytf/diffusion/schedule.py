@@ -75,7 +75,8 @@ class NoiseSchedule(nn.Module):
             frac = t - lo
             log_abar = torch.lerp(self._log_abar[lo], self._log_abar[lo + 1], frac.to(torch.float64))
         else:
-            if torch.any((t < 0) | (t > self.num_steps)):
+            # compiled code skips this data-dependent check (a graph break per call); indexing still bounds-checks
+            if not torch.compiler.is_compiling() and torch.any((t < 0) | (t > self.num_steps)):
                 raise ValueError(f"timesteps must lie in [0, {self.num_steps}]")
             log_abar = self._log_abar[t]
         abar = log_abar.exp()

@@ -260,7 +260,8 @@ class MaskedReconstructor(nn.Module):
         latents, heads = self.encode(self.embed(torch.cat([x, noised])), order.repeat(2, 1))
         fill = self.decoder_embed(latents[b:]).flatten(0, 1)  # (B*G, n, D'): the noised image's latents
         feature_t = torch.as_tensor(feature_t, device=x.device).expand(b).repeat_interleave(GROUPS)
-        fill = self.schedule.q_sample(fill, feature_t, randn_like(fill, generator)).unflatten(0, (b, GROUPS))
+        noise = randn_like(fill.unflatten(0, (b, GROUPS)), generator).flatten(0, 1)  # batch first: per-sample draws
+        fill = self.schedule.q_sample(fill, feature_t, noise).unflatten(0, (b, GROUPS))
         pred = self.decode(latents[:b], heads[:b], fill, order, h, w)
         out = self.conv_head(self.unpatchify(pred, h, w))
         return (out[..., :height, :width] + 1) / 2

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..base import trainable
+
 __all__ = ["STATE_FILE", "OptimConfig", "Trainer", "lr_factor", "step_generator"]
 
 STATE_FILE = "training_state.pt"
@@ -84,7 +86,8 @@ class Trainer:
         self.data = data
         self.config = config
         self.step = 0
-        groups = param_groups_weight_decay(network, config.weight_decay)
+        with trainable(network):  # a purifier's network is frozen (see Purifier): train it explicitly
+            groups = param_groups_weight_decay(network, config.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config.warmup_steps, config.steps))
@@ -116,11 +119,11 @@ class Trainer:
 
     def train_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
         """One optimisation step on a batch; returns the losses."""
-        self.network.train()
         generator = step_generator(self.config.seed, self.step)
-        losses = self.losses(images.to(self.device), labels.to(self.device), generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        with trainable(self.network):
+            losses = self.losses(images.to(self.device), labels.to(self.device), generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
