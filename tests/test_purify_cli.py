@@ -95,3 +95,10 @@ def test_grey_stored_as_rgb_counts_as_grey(tmp_path):
     path = tmp_path / "g.png"
     Image.fromarray(np.full((4, 5, 3), 77, np.uint8)).save(path)
     assert read_image(path, 1).shape == (1, 4, 5) and read_image(path, None).shape == (3, 4, 5)
+
+
+def test_weights_not_available_offline_is_a_clear_error(tmp_path, images, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["purify", str(images[0]), "--out", str(tmp_path / "o"), "--purifier", "diffpure.ddpm_cifar10"]) == 2
+    assert "cannot load weights 'ddpm-cifar10-32'" in capsys.readouterr().err
