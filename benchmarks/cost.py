@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from purifytf import DiffPurify, IMPurify, SaliencyDiffPurify, SSNIPurify, count_nfe
+from purifytf import DiffPurify, SaliencyDiffPurify, SSNIPurify, count_nfe, create_purifier
+from purifytf.classifiers import fashion_mnist_cnn
 from purifytf.diffusion.schedule import network_timestep
+from purifytf.factory import defence_table
 from purifytf.hub import load_backbone, untrained_backbone
 
 RESULTS = Path(__file__).parent / "results"
@@ -135,38 +137,40 @@ def optimise(backbone: nn.Module, args: argparse.Namespace) -> nn.Module:
     return backbone
 
 
+MEASURED = ("DiffPurify ref (t*=0.1, 100 steps)", "DiffPurify (t*=0.1, 10 steps)", "SaliencyDiffPurify",
+            "SaliencyDiffPurify ref (spacing 2)", "SSNIPurify (on DiffPurify ref)", "IMPurify")
+"""Rows of the shared defence table (:func:`purifytf.factory.defence_table`) this benchmark measures."""
+
+
 def build(backbone_name: str, device: torch.device):
     """Backbone (bundled weights or random), a classifier and the purifier configurations to measure."""
-    if backbone_name == "fashion-mnist":
-        from purifytf import pretrained
-
-        backbone = load_backbone("fashion-mnist")
-        classifier = pretrained.fashion_mnist_cnn(pretrained=True)
-        impure = pretrained.im_purify(pretrained=True)
-        stats = pretrained.ssni_purify(pretrained=True).stats
-        channels = 1
+    bundled = backbone_name == "fashion-mnist"
+    if bundled:
+        backbone, classifier = load_backbone("fashion-mnist"), fashion_mnist_cnn(pretrained=True)
+        extra = {}
     else:
         torch.manual_seed(0)
         backbone = untrained_backbone(backbone_name)  # random weights: timing only
-        channels = backbone.in_channels
-        classifier = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1),
-                                   nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
-        impure = IMPurify(preset="tiny", in_channels=channels)
-        stats = {"mean": 1.0, "std": 1.0, "min": 0.0, "max": 2.0, "count": 2}  # placeholder: timing only
-    backbone, classifier, impure = backbone.to(device).eval(), classifier.to(device).eval(), impure.to(device)
+        classifier = nn.Sequential(nn.Conv2d(backbone.in_channels, 32, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(64, 10)).eval()
+        extra = {"stats": {"mean": 1.0, "std": 1.0, "min": 0.0, "max": 2.0, "count": 2}}  # placeholder: timing only
+    channels = backbone.in_channels
+    backbone, classifier = backbone.to(device).eval(), classifier.to(device).eval()
+    impure = create_purifier("impure.fashion_mnist", pretrained=bundled,
+                             **({} if bundled else {"in_channels": channels})).to(device)
+    table = defence_table()
 
-    def diffpure(**kw):
-        return DiffPurify(backbone, t_star=0.1, **kw)
+    def make(name: str, ck: bool) -> nn.Module:
+        variant, settings = table[name]
+        if variant.startswith("impure"):
+            return impure
+        own = {**settings, "checkpoint": ck, **(extra if variant.startswith("ssni") else {})}
+        if "saliency" in variant:
+            own["classifier"] = classifier
+        return create_purifier(variant, pretrained=bundled, backbone=backbone, **own)
 
-    configs: dict[str, Callable[[bool], nn.Module]] = {
-        "DiffPurify ref (t*=0.1, 100 steps)": lambda ck: diffpure(checkpoint=ck),
-        "DiffPurify (10 steps)": lambda ck: diffpure(steps=10, checkpoint=ck),
-        "SaliencyDiffPurify default (spacing 20)": lambda ck: SaliencyDiffPurify(backbone, classifier, checkpoint=ck),
-        "SaliencyDiffPurify ref (spacing 2)": lambda ck: SaliencyDiffPurify(backbone, classifier, spacing=2,
-                                                                            checkpoint=ck),
-        "SSNIPurify on DiffPurify ref (T'=20)": lambda ck: SSNIPurify(diffpure(checkpoint=ck), stats=stats),
-        "IMPurify": lambda ck: impure,
-    }
+    configs: dict[str, Callable[[bool], nn.Module]] = {name: functools.partial(make, name) for name in MEASURED}
     return backbone, classifier, impure, channels, configs
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import straight_through
+
 __all__ = [
     "StageFeatures",
     "activation_saliency",
@@ -48,14 +50,9 @@ def activation_saliency(features: Sequence[Tensor], size: Sequence[int]) -> Tens
     return torch.stack([stage_saliency(a, size) for a in features]).amax(0)
 
 
-def _straight_through(hard: Tensor, soft: Tensor) -> Tensor:
-    """``hard`` forward; gradient of ``soft`` backward (when ``soft`` carries one)."""
-    return hard + (soft - soft.detach()) if soft.requires_grad else hard
-
-
 def threshold_mask(saliency: Tensor, threshold: float = 0.9) -> Tensor:
     """(B, 1, H, W) saliency in [0, 1] -> mask, 1 where ``saliency >= threshold`` (straight-through)."""
-    return _straight_through((saliency.detach() >= threshold).to(saliency.dtype), saliency)
+    return straight_through((saliency.detach() >= threshold).to(saliency.dtype), saliency)
 
 
 def topk_mask(saliency: Tensor, fraction: float = 0.15) -> Tensor:
@@ -63,7 +60,7 @@ def topk_mask(saliency: Tensor, fraction: float = 0.15) -> Tensor:
     flat = saliency.detach().flatten(1)
     k = int(fraction * flat.shape[1])
     hard = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
-    return _straight_through(hard.view_as(saliency), saliency)
+    return straight_through(hard.view_as(saliency), saliency)
 
 
 # --- finding the stages ---------------------------------------------------------------------------

@@ -194,3 +194,30 @@ def test_saliency_base_rescales_both_levels_per_sample(purifier, references):
     assert len(set(t.tolist())) > 1 and t.max() <= base.reference_level + p.bias * 1000
     p(x[4:])
     assert torch.equal(p.last_t, t[4:])
+
+
+def test_ssni_is_a_level_rule_of_the_base_pipeline(purifier, references, monkeypatch):
+    """The base's own pipeline runs: one conversion to model space, the mask once on the [0, 1] image, the
+    level the base actually diffused to as last_t, one generator (SSNI's) for score and chain."""
+    from purifytf.purifiers.saliency_diffpure import SaliencyDiffPurify
+
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(references.shape[1], 4, 3, padding=1), torch.nn.ReLU(),
+                                     torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    classifier(references)
+    base = SaliencyDiffPurify(OracleBackbone(references), classifier, t_l=0.2, t_s=0.1, spacing=50, seed=9)
+    p = SSNIPurify(base, eps_steps=EPS_STEPS, stats=purifier.stats)
+    assert p.seed == 9  # the base's seed unless told otherwise
+    seen = []
+    compute_mask = base.compute_mask
+    monkeypatch.setattr(base, "compute_mask", lambda x: seen.append(x) or compute_mask(x))
+    x = pushed(references, [0.0, 0.05])
+    out = p(x)
+    assert len(seen) == 1 and torch.equal(seen[0], x)  # once, on the image in [0, 1]
+    assert p.last_t is base.last_t and torch.equal(p.last_t, p.noise_levels(x))
+    assert torch.equal(SSNIPurify(base, eps_steps=EPS_STEPS, stats=purifier.stats)(x), out)
+
+
+def test_constant_level_is_recorded(references):
+    base = make_base(references, seed=0)
+    base(references)
+    assert base.last_t.tolist() == [base.reference_level] * len(references)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..functional import straight_through
 from .schedule import NoiseSchedule
 
 __all__ = ["ddim_step", "timestep_grid", "ddim_sample", "EpsFn", "PrepareFn"]
@@ -69,7 +70,7 @@ def timestep_grid(t_start: Tensor, steps: int, t_end: Tensor | int = 0) -> Tenso
     k = torch.arange(steps, -1, -1, device=t_start.device, dtype=torch.float64)[:, None]
     grid = t_end.double() + (t_start.double() - t_end.double()) * k / steps  # exact on integer points
     if t_start.is_floating_point() and t_start.requires_grad:
-        return grid + (grid.detach().ceil() - grid.detach())
+        return straight_through(grid.detach().ceil(), grid)
     return grid.ceil().long()
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from ..base import Purifier
+from ..functional import straight_through
 from ..random import rand_like
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "random_resize_pad",
     "real_jpeg",
     "reduce_bit_depth",
-    "straight_through",
 ]
 
 JPEG_CODECS = ("differentiable", "real")
@@ -44,14 +44,6 @@ def _check_int(name: str, value: int, low: int, high: int | None = None) -> None
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
-
-
-def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass (BPDA).
-
-    ``surrogate - surrogate.detach()`` is exactly zero, so the output equals ``value`` bit for bit.
-    """
-    return value.detach() + (surrogate - surrogate.detach())
 
 
 # --- JPEG --------------------------------------------------------------------------------------

@@ -50,11 +50,15 @@ class DiffPurify(DiffusionPurifier):
         self.t_star = t_star
         self.steps = steps
         self.sampler = sampler
-        self.check_level(self.reference_level, f"t_star={t_star}")
+        self.check_level(self.reference_level, self.reference_setting)
 
     @property
     def reference_level(self) -> int:
         return max(1, round(self.t_star * self.schedule.num_steps))
+
+    @property
+    def reference_setting(self) -> str:
+        return f"t_star={self.t_star}"
 
     @property
     def num_steps(self) -> int:
@@ -62,9 +66,7 @@ class DiffPurify(DiffusionPurifier):
         return self.steps or self.reference_level
 
     def denoise(self, x: Tensor, generator: torch.Generator | None, level_scale: Tensor | None = None) -> Tensor:
-        if level_scale is None:
-            self.check_level(self.reference_level, f"t_star={self.t_star}")
-        t = self.levels(self.reference_level, x.shape[0], level_scale, x.device)
+        t = self.reference_levels(x.shape[0], level_scale, x.device)
         x_t = self.schedule.q_sample(x, t, randn_like(x, generator))
         grid = timestep_grid(t, self.num_steps)
         randn = functools.partial(randn_like, generator=generator)

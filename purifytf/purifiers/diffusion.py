@@ -1,4 +1,6 @@
-"""Shared machinery of purifiers built on a diffusion backbone."""
+"""Shared machinery of purifiers built on a diffusion backbone: one pipeline, one place noise levels come from."""
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -7,23 +9,39 @@ from torch.utils.checkpoint import checkpoint as checkpoint_call
 from ..base import Purifier
 from ..diffusion.backbones import Backbone
 from ..diffusion.schedule import NoiseSchedule, network_timestep
+from ..functional import straight_through, to_image_space, to_model_space
 from ..nfe import record_nfe
+from ..score import expected_perturbation_score
 
-__all__ = ["DiffusionPurifier"]
+__all__ = ["DiffusionPurifier", "LevelRule"]
+
+LevelRule = Callable[[Tensor, "torch.Generator | None"], Tensor]
+"""``rule(x_d, generator) -> (B,)``: a per-sample factor on every noise level of a diffusion purifier, from
+the image in model space (SSNI's score-norm rule, :class:`~purifytf.SSNIPurify`)."""
 
 
 class DiffusionPurifier(Purifier):
     """A purifier that diffuses its input and runs a reverse chain with ``backbone``.
 
-    Subclasses implement :meth:`denoise` in model space [-1, 1]. ``level_scale`` (B,) lets a
-    wrapper (SSNI) rescale every noise level of the method per sample, relative to
-    :attr:`reference_level`.
+    :meth:`run` is the one pipeline: the image in [0, 1] goes to model space [-1, 1] once, whatever
+    the method needs from the image itself (:meth:`condition`, e.g. a saliency mask) is computed once
+    in [0, 1], and the noise level comes from one place: the configured constant level (DiffPure), or a
+    per-sample :data:`LevelRule` (SSNI's score-norm rule) whose factor ``level_scale`` (B,) rescales
+    every level of the method relative to :attr:`reference_level`. Subclasses implement
+    :meth:`denoise` in model space.
+
+    Noise levels: settings are fractions of the schedule's T; internally steps. A level beyond the
+    backbone's trained range ``backbone.max_t`` is refused (:meth:`check_level`).
 
     Args:
         backbone: eps-prediction network (:class:`~purifytf.diffusion.Backbone`).
         checkpoint: recompute network activations in the backward pass (gradient checkpointing),
             so full-gradient attacks through many network calls fit in memory.
         seed: see :class:`~purifytf.Purifier`.
+
+    Attributes:
+        last_t: (B,) long, the noise level (steps) each sample of the last call was diffused to: the
+            :attr:`reference_level`, rescaled per sample under a level rule.
     """
 
     _abstract_config = True
@@ -35,6 +53,7 @@ class DiffusionPurifier(Purifier):
                             f"got {type(backbone).__name__}")
         self.backbone = backbone
         self.checkpoint = checkpoint
+        self.last_t: Tensor | None = None
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -57,6 +76,11 @@ class DiffusionPurifier(Purifier):
         """The noise level (steps) that ``level_scale = 1`` means; what SSNI reweights."""
         raise NotImplementedError
 
+    @property
+    def reference_setting(self) -> str:
+        """The setting that fixes :attr:`reference_level`, for messages (``"t_star=0.1"``)."""
+        raise NotImplementedError
+
     def check_level(self, level: float, setting: str) -> None:
         """Refuse a noise level (``level`` steps, from ``setting``) beyond the backbone's trained ``max_t``."""
         if level > self.backbone.max_t:
@@ -73,12 +97,36 @@ class DiffusionPurifier(Purifier):
             return checkpoint_call(self.backbone, x_t, net_t, use_reentrant=False)
         return self.backbone(x_t, net_t)
 
+    def expected_score(self, x: Tensor, num_steps: int, generator: torch.Generator | None) -> Tensor:
+        """Expected perturbation score (B,C,H,W) of ``x`` in model space over levels ``1..num_steps`` (NFE
+        ``num_steps``; :func:`~purifytf.score.expected_perturbation_score` with this purifier's network)."""
+        return expected_perturbation_score(self.schedule, self.eps, x, num_steps, generator)
+
+    def condition(self, x: Tensor) -> dict[str, Tensor]:
+        """What :meth:`denoise` takes from the image ``x`` (B,C,H,W) in [0, 1] itself (none here)."""
+        return {}
+
     def denoise(self, x: Tensor, generator: torch.Generator | None, level_scale: Tensor | None = None) -> Tensor:
         """Purify ``x`` (B,C,H,W) in model space [-1, 1]; returns the same shape and space."""
         raise NotImplementedError
 
+    def run(self, x: Tensor, generator: torch.Generator | None, rule: LevelRule | None = None) -> Tensor:
+        """Purify ``x`` (B,C,H,W) in [0, 1] at the levels of ``rule`` (``None``: the configured constant level)."""
+        x_d = to_model_space(x)
+        level_scale = None if rule is None else rule(x_d, generator)
+        return to_image_space(self.denoise(x_d, generator, level_scale, **self.condition(x)))
+
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        return (self.denoise(x * 2 - 1, generator) + 1) / 2
+        return self.run(x, generator)
+
+    def reference_levels(self, batch: int, level_scale: Tensor | None, device: torch.device) -> Tensor:
+        """The level (B,) each sample is diffused to (:meth:`levels` of :attr:`reference_level`), recorded as
+        :attr:`last_t`; what :meth:`denoise` diffuses with. A constant level is checked against ``max_t``."""
+        if level_scale is None:
+            self.check_level(self.reference_level, self.reference_setting)
+        t = self.levels(self.reference_level, batch, level_scale, device)
+        self.last_t = t.detach().round().long()
+        return t
 
     def levels(self, base: float, batch: int, level_scale: Tensor | None, device: torch.device) -> Tensor:
         """Per-sample noise level (B,) in steps: ``round(base * level_scale)``, at least 1.
@@ -90,5 +138,5 @@ class DiffusionPurifier(Purifier):
             return torch.full((batch,), round(base), device=device, dtype=torch.long)
         t = (base * level_scale.to(device)).clamp(1, self.schedule.num_steps)
         if level_scale.requires_grad:
-            return t + (t.detach().round() - t.detach())
+            return straight_through(t.detach().round(), t)
         return t.round().long()

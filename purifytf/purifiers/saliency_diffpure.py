@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..diffusion.backbones import Backbone
 from ..diffusion.samplers import EpsFn, ddim_sample, timestep_grid
 from ..diffusion.schedule import NoiseSchedule
+from ..functional import straight_through, to_image_space
 from ..random import randn_like
 from ..saliency import StageFeatures, activation_saliency, threshold_mask, topk_mask
 from .diffusion import DiffusionPurifier
@@ -36,7 +37,7 @@ def level_map(mask: Tensor, grid: Tensor) -> Tensor:
     for level in grid[1:].detach():
         level = level.view(-1, 1, 1, 1)
         snapped = torch.where((target - level).abs() < (target - snapped).abs(), level, snapped)
-    return snapped + (raw - raw.detach()) if raw.requires_grad else snapped
+    return straight_through(snapped, raw)
 
 
 def heterogeneous_ddim(
@@ -165,11 +166,15 @@ class SaliencyDiffPurify(DiffusionPurifier):
         self.stages = stages
         self.mask_grad = mask_grad
         self._features = StageFeatures(classifier, stages)
-        self.check_level(self.reference_level, f"t_l={t_l}")
+        self.check_level(self.reference_level, self.reference_setting)
 
     @property
     def reference_level(self) -> int:
         return max(1, round(self.t_l * self.schedule.num_steps))
+
+    @property
+    def reference_setting(self) -> str:
+        return f"t_l={self.t_l}"
 
     @property
     def small_level(self) -> int:
@@ -199,6 +204,10 @@ class SaliencyDiffPurify(DiffusionPurifier):
             return topk_mask(saliency, self.fraction)
         return saliency
 
+    def condition(self, x: Tensor) -> dict[str, Tensor]:
+        """The mask of ``x`` in [0, 1], computed once per call (:meth:`compute_mask`)."""
+        return {"mask": self.compute_mask(x)}
+
     def denoise(
         self,
         x: Tensor,
@@ -206,15 +215,13 @@ class SaliencyDiffPurify(DiffusionPurifier):
         level_scale: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        """See :meth:`DiffusionPurifier.denoise`; ``mask`` (B, 1, H, W) replaces :meth:`compute_mask`."""
+        """See :meth:`DiffusionPurifier.denoise`; ``mask`` (B, 1, H, W): :meth:`condition`'s (default: computed)."""
         batch, _, height, width = x.shape
-        if level_scale is None:
-            self.check_level(self.reference_level, f"t_l={self.t_l}")
         if mask is None:
-            mask = self.compute_mask((x + 1) / 2)
+            mask = self.compute_mask(to_image_space(x))
         elif mask.shape != (batch, 1, height, width):
             raise ValueError(f"mask must have shape {(batch, 1, height, width)}, got {tuple(mask.shape)}")
-        t_l = self.levels(self.reference_level, batch, level_scale, x.device)
+        t_l = self.reference_levels(batch, level_scale, x.device)
         t_s = self.levels(self.small_level, batch, level_scale, x.device)
         stage1, stage2 = self.stage_steps
         grid = torch.cat([timestep_grid(t_l, stage1, t_s), timestep_grid(t_s, stage2)[1:]])

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from ..base import Purifier
+from ..functional import to_model_space
 from ..inputs import check_images
-from ..score import expected_perturbation_score
 from .diffusion import DiffusionPurifier
 
 __all__ = ["SSNIPurify", "sigmoid_reweight", "linear_reweight", "norm_statistics"]
@@ -63,6 +63,11 @@ def _batches(data: Tensor | Iterable, batch_size: int) -> Iterable[Tensor]:
 class SSNIPurify(Purifier):
     """Diffuse each sample to its own level ``t(x)``, picked from its score norm, then purify with ``base``.
 
+    SSNI is a noise-level *rule* that any diffusion purifier runs with: ``base``'s own pipeline
+    (:meth:`~purifytf.purifiers.diffusion.DiffusionPurifier.run`: model space once, a saliency mask once
+    in [0, 1]) takes its levels from :meth:`level_scale` instead of its constant setting, so uniform
+    (``DiffPurify``) and heterogeneous (``SaliencyDiffPurify``) noise work alike.
+
     ``n(x) = ||EPS(2x - 1)||_2`` (:func:`~purifytf.score.expected_perturbation_score` over ``eps_steps``
     levels with ``base``'s network) is compared with reference statistics of clean images
     (:meth:`calibrate`) and mapped to a level around ``t* = base.reference_level``:
@@ -70,14 +75,13 @@ class SSNIPurify(Purifier):
     - ``"sigmoid"`` (SSNI-N): ``t = sigmoid((n - mean) / tau) * (t* + bias)``;
     - ``"linear"`` (SSNI-L): ``t = (n - min) * t* / (max - min) + bias``, within ``[bias, t* + bias]``;
 
-    rounded and clamped to ``[1, T]``. ``base.denoise`` then runs with ``level_scale = t / t*`` (every
-    level of the method rescaled per sample, same number of network calls for every sample). A sample's
+    rounded and clamped to ``[1, T]``. ``base`` then runs with ``level_scale = t / t*`` (every level of
+    the method rescaled per sample, same number of network calls for every sample). A sample's
     ``t`` depends on the sample and the generator only, never on its batch-mates.
     NFE per image: ``eps_steps`` + the base purifier's calls.
 
     Args:
-        base: the diffusion purifier to drive (e.g. ``DiffPurify``, ``SaliencyDiffPurify``); its own
-            ``seed`` is ignored, this purifier's generator drives both.
+        base: the diffusion purifier to drive (e.g. ``DiffPurify``, ``SaliencyDiffPurify``).
         reweight: ``"sigmoid"`` (SSNI-N) or ``"linear"`` (SSNI-L).
         tau: temperature of SSNI-N, in norm units (``None``: the calibrated std).
         bias: ``b``, a fraction of T like every noise level (reference: 5 steps of 1000, 0.005); the
@@ -87,11 +91,12 @@ class SSNIPurify(Purifier):
             for adaptive attacks; by default ``t`` is picked without gradient, as in the reference.
         stats: reference statistics (``mean``, ``std``, ``min``, ``max``, ``count``), normally set by
             :meth:`calibrate` and restored by ``from_pretrained``.
-        seed: see :class:`~purifytf.Purifier`.
+        seed: see :class:`~purifytf.Purifier`; ``None``: ``base``'s seed. One generator (this purifier's)
+            drives the score and ``base``'s chain.
 
     Attributes:
         stats: the reference statistics, or ``None`` before calibration.
-        last_t: (B,) long, noise level (steps) of each sample in the last call.
+        last_t: (B,) long, noise level (steps) of each sample in the last call: the one ``base`` used.
     """
 
     def __init__(
@@ -105,9 +110,9 @@ class SSNIPurify(Purifier):
         stats: dict[str, float] | None = None,
         seed: int | None = None,
     ):
-        super().__init__(seed=seed)
         if not isinstance(base, DiffusionPurifier):
             raise TypeError(f"base must be a DiffusionPurifier (e.g. DiffPurify), got {type(base).__name__}")
+        super().__init__(seed=base.seed if seed is None else seed)
         if reweight not in ("sigmoid", "linear"):
             raise ValueError(f"reweight must be 'sigmoid' (SSNI-N) or 'linear' (SSNI-L), got {reweight!r}")
         if tau is not None and not tau > 0:
@@ -121,7 +126,6 @@ class SSNIPurify(Purifier):
         self.eps_steps = eps_steps
         self.score_grad = score_grad
         self.stats = None if stats is None else _check_stats(stats)
-        self.last_t: Tensor | None = None
         self._check_range()
 
     def _check_range(self) -> None:
@@ -165,7 +169,7 @@ class SSNIPurify(Purifier):
     def score_norm(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``||EPS(2x - 1)||_2`` (B,) of images ``x`` (..., C, H, W) in [0, 1]; NFE ``eps_steps``."""
         work, generator = self.prepare(x, generator)
-        return self._score_norm(work * 2 - 1, generator)
+        return self._score_norm(to_model_space(work), generator)
 
     def noise_levels(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Noise level (B,) in steps each image of ``x`` (..., C, H, W) in [0, 1] would be diffused to.
@@ -174,14 +178,15 @@ class SSNIPurify(Purifier):
         and gradients are enabled. Same generator use as a call: equals ``last_t`` under a seed.
         """
         work, generator = self.prepare(x, generator)
-        return self._levels(self._level_scale(work * 2 - 1, generator))
+        scale = self.level_scale(to_model_space(work), generator)
+        return self.base.levels(self.base.reference_level, len(scale), scale, scale.device)
 
     def _score_norm(self, x_d: Tensor, generator: torch.Generator | None) -> Tensor:
-        eps = expected_perturbation_score(self.base.schedule, self.base.eps, x_d, self.eps_steps, generator)
-        return eps.flatten(1).norm(dim=1)
+        return self.base.expected_score(x_d, self.eps_steps, generator).flatten(1).norm(dim=1)
 
-    def _level_scale(self, x_d: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(B,) factor on every noise level of ``base``: ``t(x) / t*`` (unrounded)."""
+    def level_scale(self, x_d: Tensor, generator: torch.Generator | None) -> Tensor:
+        """SSNI's level rule (a :data:`~purifytf.purifiers.diffusion.LevelRule`): images ``x_d`` (B,C,H,W) in
+        model space -> (B,) factor on every noise level of ``base``, ``t(x) / t*`` (unrounded)."""
         if self.stats is None:
             raise RuntimeError("SSNIPurify is not calibrated: call purifier.calibrate(clean_images) first "
                                "(or load a calibrated purifier with from_pretrained)")
@@ -195,15 +200,14 @@ class SSNIPurify(Purifier):
                 t = linear_reweight(norm, self.stats["min"], self.stats["max"], t_star, bias)
         return t / t_star
 
-    def _levels(self, level_scale: Tensor) -> Tensor:
-        return self.base.levels(self.base.reference_level, level_scale.shape[0], level_scale, level_scale.device)
+    @property
+    def last_t(self) -> Tensor | None:
+        """(B,) long, the noise level (steps) each sample of the last call was diffused to (``base``'s)."""
+        return self.base.last_t
 
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         self._check_range()
-        x_d = x * 2 - 1
-        scale = self._level_scale(x_d, generator)
-        self.last_t = self._levels(scale).detach().round().long()
-        return (self.base.denoise(x_d, generator, level_scale=scale) + 1) / 2
+        return self.base.run(x, generator, self.level_scale)
 
     @classmethod
     def _upgrade_legacy(cls, config: dict) -> dict:
