@@ -148,3 +148,13 @@ def test_images_that_do_not_fit_the_normalisation_are_refused():
     model = DefendedModel(None, _linear(pixels=48), normalize=((0.5, 0.5), (0.2, 0.2)))  # channels unknown
     with pytest.raises(ValueError, match="images with 3 channels, but the normalisation has 2 values"):
         model(torch.rand(1, 3, 4, 4))
+
+
+def test_grey_torchvision_model_with_its_weights_normalisation():
+    import torchvision
+
+    classifier = torchvision.models.resnet18(num_classes=10)
+    classifier.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    model = DefendedModel(None, classifier, normalize=ResNet18_Weights.IMAGENET1K_V1)
+    assert [pytest.approx(v) for v in model.normalization] == [((0.485 + 0.456 + 0.406) / 3,),
+                                                               ((0.229 + 0.224 + 0.225) / 3,)]
