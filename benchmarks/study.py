@@ -14,7 +14,7 @@ p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with si
 Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture (an
 all-convolutional net no purifier setting was tuned on) is trained once, reproducibly, into ``--cache``.
 
-    python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 5        # one sitting; rerun to resume
+    python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
     python benchmarks/study.py --images 64 --rows "DiffPurify DDPM t*=0.1" "SaliencyDiffPurify default" --threats linf
 
@@ -129,7 +129,7 @@ class Budget:
     large_nfe: int = 50
     steps: int = 20
     eot: int = 4
-    runs: int = 5
+    runs: int = 10
     batch_size: int = 32
     seed: int = 0
 
@@ -247,7 +247,8 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
                  batch_size=budget.batch_size, config=config, progress=progress)
         found = load_records(folder)
         outcomes.append([found[i] for i in indices])
-        info = {"tau": _tau(purifier)} if _tau(purifier) is not None else info
+        tau = _tau(purifier)
+        info = {"tau": tau} if tau is not None else info
     first = outcomes[0]
     return {
         "name": row.name, "indices": [r["index"] for r in first],

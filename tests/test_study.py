@@ -149,3 +149,15 @@ def test_second_classifier_is_trained_reproducibly_and_cached(tmp_path):
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert first(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_compare_pairs_the_images_both_rows_ran():
+    row = {"name": "method", "indices": [0, 1, 2, 3], "robust": [True, True, False, True],
+           "clean": [True, True, True, False]}
+    baseline = {"name": "DiffPure", "indices": [0, 1, 2], "robust": [False, True, True], "clean": [True, True, True]}
+    comparison = study.compare(row, baseline)
+    assert comparison["n"] == 3 and comparison["vs"] == "DiffPure"
+    assert comparison["robust"] == paired_comparison([True, True, False], [False, True, True])
+    assert comparison["clean"] == paired_comparison([True, True, True], [True, True, True])
+    with pytest.raises(ValueError, match="same images"):
+        study.compare(row, {**baseline, "indices": [0, 2, 1]})
