@@ -2,10 +2,10 @@
 
 Grammar of ``spec``:
 
-- ``timm:NAME`` (or a bare timm model name): ``timm.create_model(NAME, **kwargs)``;
-- ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``;
+- ``timm:NAME`` (or a bare timm model name): ``timm.create_model(NAME, ...)``;
+- ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, ...)``;
 - ``purifytf:NAME``: a classifier shipped with purifytf (``fashion_mnist_cnn``, bundled weights);
-- ``package.module:function``: ``function(**kwargs)``, which returns an ``nn.Module``;
+- ``package.module:function``: ``function()``, which returns an ``nn.Module``;
 
 then ``weights`` (a ``.safetensors`` file or a ``torch.save`` state dict) are loaded strictly. The
 model comes back in eval mode.
@@ -23,7 +23,7 @@ from .config import read_config
 from .hub import companion_file
 from .models.classifiers import SmallCNN
 
-__all__ = ["fashion_mnist_cnn", "load_classifier"]
+__all__ = ["entry_point", "fashion_mnist_cnn", "load_classifier"]
 
 
 def fashion_mnist_cnn(pretrained: bool = False, weights: str = "fashion-mnist", **kwargs) -> nn.Module:
@@ -45,15 +45,15 @@ def fashion_mnist_cnn(pretrained: bool = False, weights: str = "fashion-mnist", 
 _SHIPPED = {"fashion_mnist_cnn": lambda **kw: fashion_mnist_cnn(pretrained=True, **kw)}
 
 
-def _entry_point(spec: str):
-    """``"package.module:function"`` -> the function."""
+def entry_point(spec: str):
+    """``"package.module:function"`` -> the function (a clear error when it is missing)."""
     module_name, _, name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} for classifier {spec!r}: {error}") from error
+        raise ValueError(f"cannot import {module_name!r} for entry point {spec!r}: {error}") from error
     if not callable(getattr(module, name, None)):
-        raise ValueError(f"classifier {spec!r}: {module_name} has no callable {name!r}")
+        raise ValueError(f"entry point {spec!r}: {module_name} has no callable {name!r}")
     return getattr(module, name)
 
 
@@ -62,42 +62,46 @@ def _load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def load_classifier(spec: str, weights: str | Path | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
+def load_classifier(spec: str, weights: str | Path | None = None, pretrained: bool = False,
+                    num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
     """The classifier ``spec`` names (see the module doc), in eval mode.
 
     Args:
-        spec: ``timm:NAME``, ``torchvision:NAME``, ``purifytf:NAME`` or ``module:function``.
-        weights: state dict file loaded strictly after construction.
+        spec: ``timm:NAME`` (or a bare timm name), ``torchvision:NAME``, ``purifytf:NAME`` or ``module:function``.
+        weights: state dict file (safetensors or ``torch.save``) loaded strictly after construction.
         pretrained: timm's own pretrained weights (needs a download or timm's cache; timm names only).
-        **kwargs: constructor arguments (e.g. ``num_classes``, ``in_chans`` for timm).
+        num_classes, in_channels: architecture of a timm or torchvision model (its defaults otherwise).
     """
     source, sep, name = spec.partition(":")
-    if not sep and not Path(spec).exists():
+    if not sep:
         source, name = "timm", spec
-    if pretrained and source != "timm":
-        raise ValueError(f"pretrained=True applies to timm classifiers, not {spec!r}")
+    architecture = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_channels)) if v is not None}
+    if source not in ("timm", "torchvision") and (pretrained or architecture):
+        raise ValueError(f"pretrained, num_classes and in_channels apply to timm and torchvision names, "
+                         f"not to {spec!r}")
     if source == "timm":
         import timm
 
         if not timm.is_model(name):
-            raise ValueError(f"unknown classifier {spec!r}: not a timm model name (nor timm:/torchvision:/purifytf:"
-                             f" NAME or module:function)")
+            raise ValueError(f"unknown classifier {spec!r}: neither a timm model name nor timm:/torchvision:/"
+                             f"purifytf:NAME or a module:function entry")
         if weights is None and not pretrained:
-            raise ValueError(f"classifier {spec!r} would have random weights: give weights (a state dict file) "
-                             "or pretrained=True")
-        model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+            raise ValueError(f"classifier {spec!r} would have random weights: give its weights file or pretrained")
+        model = timm.create_model(name, pretrained=pretrained and weights is None, **architecture)
     elif source == "torchvision":
         from torchvision.models import get_model
 
         if weights is None:
-            raise ValueError(f"classifier {spec!r} would have random weights: give weights (a state dict file)")
-        model = get_model(name, weights=None, **kwargs)
+            raise ValueError(f"classifier {spec!r} would have random weights: give its weights file")
+        if in_channels is not None:
+            raise ValueError(f"torchvision classifiers take 3 channels; in_channels={in_channels} for {spec!r}")
+        model = get_model(name, weights=None, **architecture)
     elif source == "purifytf":
         if name not in _SHIPPED:
             raise ValueError(f"unknown shipped classifier {spec!r}; shipped: {sorted(_SHIPPED)}")
-        model = _SHIPPED[name](**kwargs)
+        model = _SHIPPED[name]()
     else:
-        model = _entry_point(spec)(**kwargs)
+        model = entry_point(spec)()
     if not isinstance(model, nn.Module):
         raise ValueError(f"classifier {spec!r} is a {type(model).__name__}, not an nn.Module")
     if weights is not None:

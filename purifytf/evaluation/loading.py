@@ -3,33 +3,22 @@
 - Purifier: ``none``; a saved directory or Hub repo id with its class (``DiffPurify``) given
   separately, loaded with ``purifier_class(cls).from_pretrained(path, **options)``; or a Python
   entry ``module:function`` called as ``function(**options)``.
-- Classifier: a timm model name (weights from a ``.safetensors`` file, or timm's pretrained
-  weights) or a Python entry ``module:function`` (optionally with ``.safetensors`` weights).
+- Classifier: :func:`purifytf.classifiers.load_classifier` (``timm:NAME`` or a bare timm name,
+  ``torchvision:NAME``, ``purifytf:NAME``, ``module:function``; a weights file), shared with ``purifytf train``.
 - Normalisation: ``auto`` (timm's ``pretrained_cfg``), ``none``, a torchvision weights name
   (``ResNet50_Weights.IMAGENET1K_V2``) or ``MEAN,...:STD,...``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 from torch import nn
 
+from ..classifiers import entry_point, load_classifier
+
 __all__ = ["load_classifier", "load_purifier", "parse_normalize", "parse_options"]
-
-
-def _entry_point(spec: str):
-    """``"package.module:function"`` -> the function."""
-    module_name, _, name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} for entry point {spec!r}: {error}") from error
-    if not callable(getattr(module, name, None)):
-        raise ValueError(f"entry point {spec!r}: {module_name} has no callable {name!r}")
-    return getattr(module, name)
 
 
 def _is_entry_point(spec: str) -> bool:
@@ -63,7 +52,7 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
             raise ValueError("--purifier none takes no purifier class, options, checkpointing or seed")
         return None
     if _is_entry_point(spec):
-        purifier = _entry_point(spec)(**options)
+        purifier = entry_point(spec)(**options)
     else:
         if not cls:
             raise ValueError(f"loading purifier {spec!r} needs its class, e.g. --purifier-class DiffPurify "
@@ -82,32 +71,6 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
     if seed is not None:
         purifier.seed = seed
     return purifier
-
-
-def load_classifier(spec: str, weights: str | None = None, pretrained: bool = False,
-                    num_classes: int | None = None) -> nn.Module:
-    """The classifier ``spec`` names, in eval mode; see the module doc."""
-    if _is_entry_point(spec):
-        if pretrained or num_classes is not None:
-            raise ValueError("--pretrained and --num-classes apply to timm model names, not to entry points")
-        model = _entry_point(spec)()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"classifier entry point {spec!r} returned a {type(model).__name__}, not an nn.Module")
-    else:
-        import timm
-
-        if not timm.is_model(spec):
-            raise ValueError(f"unknown classifier {spec!r}: neither a timm model name nor a module:function entry")
-        if weights is None and not pretrained:
-            raise ValueError(f"classifier {spec!r} would have random weights: give --classifier-weights FILE "
-                             "or --pretrained")
-        model = timm.create_model(spec, pretrained=pretrained and weights is None,
-                                  **({} if num_classes is None else {"num_classes": num_classes}))
-    if weights is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(weights))
-    return model.eval()
 
 
 def parse_normalize(text: str):

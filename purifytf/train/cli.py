@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 from pathlib import Path
 
-import safetensors.torch
-import timm
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from ..classifiers import load_classifier
 from ..models.mae import MAE_PRESETS
 from ..purifiers.impure import IMPurify
 from .data import open_data
@@ -66,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         opt.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(_DEFAULTS, name))
 
     adv = p.add_argument_group("fine-tuning (stage 2)")
-    adv.add_argument("--classifier", help="timm:NAME or MODULE:FACTORY (a callable returning the module)")
-    adv.add_argument("--classifier-weights", type=Path, help="state dict (.safetensors or torch.save) for timm:NAME")
-    adv.add_argument("--num-classes", type=int, default=1000, help="classes of a timm:NAME classifier")
+    adv.add_argument("--classifier",
+                     help="timm:NAME, torchvision:NAME, purifytf:NAME or MODULE:FACTORY (as in purifytf eval)")
+    adv.add_argument("--classifier-weights", type=Path, help="state dict (.safetensors or torch.save)")
+    adv.add_argument("--num-classes", type=int, default=1000, help="classes of a timm/torchvision classifier")
     adv.add_argument("--classifier-mean", type=float, nargs="+", help="normalisation the classifier expects")
     adv.add_argument("--classifier-std", type=float, nargs="+")
     adv.add_argument("--adv-fraction", type=float, default=_DEFAULTS.adv_fraction,
@@ -82,22 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_classifier(args: argparse.Namespace, channels: int) -> nn.Module:
-    """The target classifier of ``--classifier``, taking [0, 1] images."""
-    source, _, name = args.classifier.partition(":")
-    if source == "timm":
-        if args.classifier_weights is None:
-            raise SystemExit("--classifier timm:NAME needs --classifier-weights")
-        model = timm.create_model(name, pretrained=False, num_classes=args.num_classes, in_chans=channels)
-        model.load_state_dict(_state_dict(args.classifier_weights))
-    else:
-        model = getattr(importlib.import_module(source), name)()
+def classifier_of(args: argparse.Namespace, channels: int) -> nn.Module:
+    """The target classifier of ``--classifier`` (:func:`~purifytf.classifiers.load_classifier`), on [0, 1] images."""
+    source, sep, _ = args.classifier.partition(":")
+    named = not sep or source in ("timm", "torchvision")
+    model = load_classifier(args.classifier, args.classifier_weights,
+                            **({"num_classes": args.num_classes, "in_channels": channels} if named else {}))
     if args.classifier_mean is not None:
         model = nn.Sequential(v2.Normalize(args.classifier_mean, args.classifier_std), model)
     return model.eval()
@@ -125,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     purifier = _purifier(args, channels).to(args.device)
     classifier = perceptual = None
     if args.classifier:
-        classifier = load_classifier(args, purifier.in_channels).to(args.device)
+        classifier = classifier_of(args, purifier.in_channels).to(args.device)
     if config.stage == "finetune" and args.perceptual == "vgg19_bn":
         perceptual = vgg19_bn_feature_loss().to(args.device)
     elif config.stage == "finetune" and args.perceptual == "classifier" and classifier is not None:
