@@ -32,7 +32,8 @@ def total_nfe() -> Tensor:
     """This thread's running total of network calls: a 0-dim int64 CPU tensor, never reset."""
     total = getattr(_STATE, "total", None)
     if total is None:
-        total = _STATE.total = torch.zeros((), dtype=torch.int64)
+        with torch.inference_mode(False):  # a normal tensor, updatable in and out of inference mode
+            total = _STATE.total = torch.zeros((), dtype=torch.int64)
     return total
 
 

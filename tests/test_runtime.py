@@ -280,3 +280,22 @@ def test_compiled_graph_count_does_not_grow_with_the_steps(refs):
     counts = [compiled_run(DiffPurify(OracleBackbone(refs), t_star=0.3, steps=steps, seed=0),
                            torch.rand(2, 1, 8, 8, generator=gen(1)), calls=1)[2] for steps in (2, 6)]
     assert counts[0] == counts[1]
+
+
+def test_nfe_counts_in_inference_mode_and_in_new_threads(refs):
+    purifier = DiffPurify(OracleBackbone(refs), t_star=0.3, steps=3, seed=0)
+    x = torch.rand(2, 1, 8, 8, generator=gen(1))
+    seen = []
+
+    def work():  # a thread's first count inside inference mode, then outside it
+        with torch.inference_mode():
+            purifier(x)
+        seen.append(purifier.last_nfe)
+        with count_nfe() as counter:
+            purifier(x)
+        seen.append(counter.count)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen == [3, 3]
