@@ -47,13 +47,15 @@ __all__ = [
 ]
 
 GROUPS = 4
-TRAIN_IMAGE_T = (200, 600)
-TRAIN_FEATURE_T = (200, 1000)
 
 
 @dataclasses.dataclass(frozen=True)
 class MAEConfig:
-    """Size of a :class:`MaskedReconstructor` (``fuse_indices``: encoder blocks whose outputs are fused)."""
+    """Size of a :class:`MaskedReconstructor` (``fuse_indices``: encoder blocks whose outputs are fused).
+
+    ``train_image_t`` / ``train_feature_t``: ``[lo, hi)`` ranges of the image and feature noise levels
+    drawn per sample in training, as fractions of the T = 1000 steps (reference: U[0.2, 0.6) and U[0.2, 1)).
+    """
 
     patch_size: int
     embed_dim: int
@@ -64,6 +66,8 @@ class MAEConfig:
     decoder_heads: int
     fuse_indices: tuple[int, ...]
     mlp_ratio: float = 4.0
+    train_image_t: tuple[float, float] = (0.2, 0.6)
+    train_feature_t: tuple[float, float] = (0.2, 1.0)
 
 
 MAE_PRESETS: dict[str, MAEConfig] = {
@@ -80,8 +84,9 @@ def build_reconstructor(preset: str = "tiny", in_channels: int = 3, **overrides)
     """A :class:`MaskedReconstructor` of size ``MAE_PRESETS[preset]``, fields replaced by ``overrides``."""
     if preset not in MAE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(MAE_PRESETS)}")
-    if "fuse_indices" in overrides:
-        overrides["fuse_indices"] = tuple(overrides["fuse_indices"])
+    for name in ("fuse_indices", "train_image_t", "train_feature_t"):  # JSON configs hold lists
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
     return MaskedReconstructor(dataclasses.replace(MAE_PRESETS[preset], **overrides), in_channels)
 
 
@@ -102,9 +107,9 @@ def random_order(h: int, w: int, batch: int, generator: torch.Generator | None, 
     return torch.argsort(rand_like(torch.empty(batch, h * w, device=device), generator), dim=1)
 
 
-def _uniform_t(bounds: tuple[int, int], batch: int, generator, device) -> Tensor:
-    """(B,) integer timesteps drawn uniformly from ``[lo, hi)``."""
-    lo, hi = bounds
+def _uniform_t(bounds: tuple[float, float], steps: int, batch: int, generator, device) -> Tensor:
+    """(B,) integer timesteps drawn uniformly from ``[lo * steps, hi * steps)``."""
+    lo, hi = round(bounds[0] * steps), round(bounds[1] * steps)
     u = rand_like(torch.empty(batch, device=device), generator)
     return (lo + (u * (hi - lo)).long()).clamp(max=hi - 1)
 
@@ -119,10 +124,15 @@ class MaskedReconstructor(nn.Module):
 
     def __init__(self, config: MAEConfig, in_channels: int = 3):
         super().__init__()
+        self.schedule = NoiseSchedule.linear()
         if config.embed_dim % 4 or config.decoder_dim % 4:
             raise ValueError("embed_dim and decoder_dim must be multiples of 4 (2-D sin-cos embeddings)")
         if any(not 0 <= i < config.depth - 1 for i in config.fuse_indices):
             raise ValueError(f"fuse_indices must lie in [0, depth - 1), got {config.fuse_indices}")
+        for name in ("train_image_t", "train_feature_t"):
+            lo, hi = getattr(config, name)
+            if not 0 <= lo < hi <= 1:
+                raise ValueError(f"{name} must be fractions of T with 0 <= lo < hi <= 1, got {(lo, hi)}")
         self.config = config
         self.in_channels = in_channels
         p, dim, dec = config.patch_size, config.embed_dim, config.decoder_dim
@@ -141,7 +151,6 @@ class MaskedReconstructor(nn.Module):
         self.decoder_norm = nn.LayerNorm(dec)
         self.decoder_pred = nn.Linear(dec, p * p * in_channels)
         self.conv_head = nn.Conv2d(in_channels, in_channels, 3, padding=1)
-        self.schedule = NoiseSchedule.linear()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -243,7 +252,8 @@ class MaskedReconstructor(nn.Module):
         """Reconstruct images (B, C, H, W) in [0, 1]; see the class doc.
 
         ``train=True`` uses a random partition and noise levels drawn per sample from
-        U[200, 600) (image) and U[200, 1000) (features) instead of ``image_t`` / ``feature_t``.
+        ``config.train_image_t`` and ``config.train_feature_t`` (fractions of T) instead of ``image_t`` /
+        ``feature_t`` (steps).
         """
         record_nfe()
         b, _, height, width = x.shape
@@ -252,8 +262,9 @@ class MaskedReconstructor(nn.Module):
         x = F.pad(2 * x - 1, (0, w * p - width, 0, h * p - height), mode="replicate")
         if train:
             order = random_order(h, w, b, generator, x.device)
-            image_t = _uniform_t(TRAIN_IMAGE_T, b, generator, x.device)
-            feature_t = _uniform_t(TRAIN_FEATURE_T, b, generator, x.device)
+            steps = self.schedule.num_steps
+            image_t = _uniform_t(self.config.train_image_t, steps, b, generator, x.device)
+            feature_t = _uniform_t(self.config.train_feature_t, steps, b, generator, x.device)
         else:
             order = interleaved_order(h, w, b, x.device)
         noised = self.schedule.q_sample(x, image_t, randn_like(x, generator))
