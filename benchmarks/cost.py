@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from purifytf import DiffPurify, SaliencyDiffPurify, SSNIPurify, count_nfe, create_purifier
 from purifytf.classifiers import fashion_mnist_cnn
-from purifytf.diffusion.schedule import network_timestep
 from purifytf.factory import defence_table
 from purifytf.hub import load_backbone, untrained_backbone
 
@@ -218,7 +217,7 @@ def measure_batch(batch: int, backbone: nn.Module, classifier: nn.Module, channe
     device = torch.device(args.device)
     x = torch.rand(batch, channels, *backbone.sample_size, generator=torch.Generator().manual_seed(batch)).to(device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    t = network_timestep(torch.full((batch,), 100, device=device))
+    t = torch.full((batch,), 100, device=device)  # schedule step 100
     with torch.no_grad():
         t_fwd = median_seconds(lambda: backbone(x, t), args.repeats, device)
         t_cls = median_seconds(lambda: classifier(x), args.repeats, device)

@@ -85,8 +85,8 @@ def test_guided_unet_small_forward_and_learned_sigma_slice():
     backbone = GuidedDiffusionUNet(GuidedUNetModel(**TINY_GUIDED))
     for p in backbone.parameters():  # zero-initialised output layers would hide wiring errors
         p.data.normal_(0, 0.05)
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
-    full = backbone.unet(x, t)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 1000])  # schedule steps: the network gets 0 and 999
+    full = backbone.unet(x, t - 1)
     assert full.shape == (2, 6, 16, 16)
     eps = backbone(x, t)
     assert eps.shape == (2, 3, 16, 16) and torch.equal(eps, full[:, :3])

@@ -159,7 +159,7 @@ def test_url_weights_checked_against_sha256(tmp_path, registry):
     assert isinstance(backbone, GuidedDiffusionUNet)
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
     with torch.no_grad():
-        torch.testing.assert_close(backbone(x, t), net(x, t)[:, :3])
+        torch.testing.assert_close(backbone(x, t + 1), net(x, t)[:, :3])  # step t + 1 is the network's index t
     # offline, the cached copy is used and checked again
     assert hub.weights_file(w, cache_dir=folder, local_files_only=True) == folder / "tiny_guided.pt"
     (folder / "tiny_guided.pt").write_bytes(b"tampered")

@@ -119,7 +119,7 @@ def test_score_sde_format_rejects_an_ema_list_of_another_network():
 # --- the network and the backbone mapping -------------------------------------------------------------------------
 def test_small_forward_has_the_input_shape_is_deterministic_and_differentiable():
     backbone = small_backbone()
-    x, t = images(), torch.tensor([0, 500])
+    x, t = images(), torch.tensor([1, 500])
     out = backbone(x, t)
     assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().mean() > 0.1
     assert torch.equal(out, backbone(x, t))
@@ -143,22 +143,22 @@ def test_time_label_gives_the_vp_sde_time_with_the_schedule_s_noise_level():
     betas = torch.linspace(B0 / 1000, B1 / 1000, 1000, dtype=torch.float64)  # score_sde's VPSDE.discrete_betas
     abar = torch.cumprod(1 - betas, 0)
     torch.testing.assert_close(backbone.schedule.alphas_cumprod, abar, rtol=1e-12, atol=0)
-    t = torch.arange(1000)
+    t = torch.arange(1, 1001)  # schedule steps
     label = backbone.time_label(t)
     s = label / 999
     log_mean_coeff = -0.25 * s**2 * (B1 - B0) - 0.5 * s * B0  # VPSDE.marginal_prob
     inside = s < 1
     assert inside[:990].all() and (s <= 1).all() and s[-1] == 1  # the last steps lie past the horizon: capped
     torch.testing.assert_close((2 * log_mean_coeff).exp()[inside], abar[inside], rtol=1e-9, atol=0)
-    assert (label - 999 * (t + 1) / 1000)[:470].abs().max() < 0.5  # close to the naive map over DiffPure's range
+    assert (label - 999 * t / 1000)[:470].abs().max() < 0.5  # close to the naive map over DiffPure's range
     torch.testing.assert_close(backbone.time_label(t[:50].double()), label[:50])  # floats agree on integers
-    mid = backbone.time_label(torch.tensor([9.5]))
+    mid = backbone.time_label(torch.tensor([10.5]))
     assert label[9] < mid < label[10]
 
 
 def test_output_is_eps_so_score_sde_s_score_is_the_schedule_s():
     backbone = small_backbone()
-    x, t = images(3), torch.tensor([3, 99, 700])
+    x, t = images(3), torch.tensor([4, 100, 701])  # schedule steps
     seen = []
     backbone.model.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
     eps = backbone(x, t)
@@ -166,7 +166,7 @@ def test_output_is_eps_so_score_sde_s_score_is_the_schedule_s():
     assert torch.equal(eps, backbone.model(x, seen[0]))  # network output returned unscaled
     s = seen[0] / 999  # score_sde get_score_fn, continuous VP: score = -net(x, 999 s) / std(s)
     std = (1 - torch.exp(-(B0 * s + 0.5 * (B1 - B0) * s**2))).sqrt().float().view(-1, 1, 1, 1)
-    torch.testing.assert_close(-eps / std, backbone.schedule.eps_to_score(eps, t + 1), rtol=1e-4, atol=0)
+    torch.testing.assert_close(-eps / std, backbone.schedule.eps_to_score(eps, t), rtol=1e-4, atol=0)
 
 
 # --- registry and purifier ------------------------------------------------------------------------------------

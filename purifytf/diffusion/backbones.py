@@ -1,7 +1,9 @@
 """Noise-prediction networks behind one protocol, kept apart from schedules and samplers.
 
 Protocol: ``backbone(x_t, t) -> eps`` with ``x_t`` (B,C,H,W) in model space [-1, 1] and ``t``
-(B,) the 0-based training index (``schedule`` step ``t + 1``). Every backbone knows the schedule
+(B,) schedule steps in ``[1, T]`` (integer, or float for straight-through levels), the library's one
+timestep convention; only the adapters of third-party networks trained on the 0-based DDPM index
+shift it (:func:`~purifytf.diffusion.schedule.network_timestep`). Every backbone knows the schedule
 it was trained with, the largest step it was trained on (``max_t``), its channel count and its
 native resolution, and describes itself by a JSON ``config`` naming its class (the one
 configuration system of :mod:`purifytf.config`); weights travel in the state_dict.
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Configurable
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, network_timestep
 
 __all__ = [
     "Backbone",
@@ -83,7 +85,7 @@ class Backbone(Configurable, nn.Module):
         self._max_t = value
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """(B,C,H,W), (B,) -> eps (B,C,H,W); extra output channels (learned sigma) are dropped."""
+        """(B,C,H,W), (B,) steps in [1, T] -> eps (B,C,H,W); extra output channels (learned sigma) are dropped."""
         return self._predict(x_t, t)[:, : self.in_channels]
 
     def _predict(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -146,8 +148,8 @@ class OracleBackbone(Backbone):
         self.register_buffer("references", references.float() * 2 - 1)
 
     def posterior_mean(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """``E[x_0 | x_t]`` (B,C,H,W) in [-1, 1] at 0-based index ``t`` (B,)."""
-        abar = self.schedule.alpha_bar(t + 1, like=x_t).flatten()[:, None]  # (B, 1)
+        """``E[x_0 | x_t]`` (B,C,H,W) in [-1, 1] at step ``t`` (B,)."""
+        abar = self.schedule.alpha_bar(t, like=x_t).flatten()[:, None]  # (B, 1)
         refs = self.references.flatten(1).to(x_t.dtype)  # (N, D)
         x = x_t.flatten(1)
         sq_dist = (x.square().sum(1, keepdim=True) - 2 * abar.sqrt() * x @ refs.T
@@ -156,7 +158,7 @@ class OracleBackbone(Backbone):
         return (logits.softmax(dim=1) @ refs).view_as(x_t)
 
     def _predict(self, x_t: Tensor, t: Tensor) -> Tensor:
-        abar = self.schedule.alpha_bar(t + 1, like=x_t)
+        abar = self.schedule.alpha_bar(t, like=x_t)
         return (x_t - abar.sqrt() * self.posterior_mean(x_t, t)) / (1 - abar).clamp_min(1e-12).sqrt()
 
     def _config(self) -> dict[str, Any]:
@@ -185,7 +187,7 @@ class DiffusersUNet(Backbone):
         self.min_size = 2 ** (len(unet.config.block_out_channels) - 1)
 
     def _predict(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.unet(x_t, t).sample
+        return self.unet(x_t, network_timestep(t)).sample
 
     def _config(self) -> dict[str, Any]:
         return {"unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}}

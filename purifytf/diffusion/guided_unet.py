@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone, schedule_from_config
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, network_timestep
 
 __all__ = ["GuidedDiffusionUNet", "GuidedUNetModel", "unet_kwargs_from_flags"]
 
@@ -320,7 +320,7 @@ class GuidedDiffusionUNet(Backbone):
         self.min_size = 2 ** (len(unet.kwargs["channel_mult"]) - 1)
 
     def _predict(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.unet(x_t, t)
+        return self.unet(x_t, network_timestep(t))
 
     def _config(self) -> dict[str, Any]:
         return {"unet": self.unet.config}

@@ -6,7 +6,7 @@ attention, sinusoidal time embedding, no progressive growing, residuals rescaled
 ``min(C/4, 32)`` groups, SiLU. Parameter names, shapes and order equal the reference ``NCSNpp``'s, so the checkpoint
 loads with ``strict=True`` (layout ``"score_sde"`` of :data:`purifytf.checkpoints.FORMATS`).
 :class:`NCSNppModel` is the bare network ``(x, label) -> eps``; :class:`ScoreSDEBackbone` wraps it as a purifytf
-:class:`~purifytf.diffusion.Backbone`, mapping the discrete step index to the continuous VP-SDE time.
+:class:`~purifytf.diffusion.Backbone`, mapping the discrete schedule step to the continuous VP-SDE time.
 """
 
 from __future__ import annotations
@@ -225,13 +225,13 @@ def vp_sde_schedule(beta_min: float = 0.1, beta_max: float = 20.0, num_steps: in
 class ScoreSDEBackbone(Backbone):
     """Backbone adapter for a continuous-time VP-SDE :class:`NCSNppModel` (score_sde / DiffPure's CIFAR-10 model).
 
-    Time: the 0-based index ``t`` (B,) (step ``t + 1`` of ``schedule``) becomes the VP-SDE time ``s`` whose marginal
-    has the same noise level, ``alpha_bar_SDE(s) = schedule.alpha_bar(t + 1)`` with
+    Time: step ``t`` (B,) of ``schedule`` becomes the VP-SDE time ``s`` whose marginal
+    has the same noise level, ``alpha_bar_SDE(s) = schedule.alpha_bar(t)`` with
     ``-log alpha_bar_SDE(s) = beta_min s + (beta_max - beta_min) s^2 / 2``, capped at the horizon ``s = 1``; the
     network gets the label ``999 s`` (see :meth:`time_label`). So eps is predicted at exactly the noise level the
     sampler assumes, for any ``schedule``. On the default one (the VP-SDE discretised to 1000 steps, i.e. DDPM's
-    linear betas 1e-4..0.02) the label is within 0.5 of the naive ``999 (t + 1) / 1000`` for ``t < 470`` (DiffPure
-    diffuses to ``t = 100``), within 3.4 beyond, and capped at 999 for ``t >= 996``.
+    linear betas 1e-4..0.02) the label is within 0.5 of the naive ``999 t / 1000`` for ``t <= 470`` (DiffPure
+    diffuses to ``t = 100``), within 3.4 beyond, and capped at 999 for ``t >= 997``.
 
     Output: score_sde's score is ``-net(x, 999 s) / std(s)`` with ``std(s) = sqrt(1 - alpha_bar_SDE(s))``, so the
     network output is the eps prediction itself and is returned unscaled.
@@ -254,8 +254,8 @@ class ScoreSDEBackbone(Backbone):
         self.min_size = 2 ** (len(model.kwargs["ch_mult"]) - 1)
 
     def time_label(self, t: Tensor) -> Tensor:
-        """Network label ``999 s`` (B,) float64 for 0-based indices ``t`` (B,), integer or float (differentiable)."""
-        neg_log_abar = -self.schedule.alpha_bar(t + 1, like=t.to(torch.float64)).log()  # (B,) float64
+        """Network label ``999 s`` (B,) float64 for schedule steps ``t`` (B,), integer or float (differentiable)."""
+        neg_log_abar = -self.schedule.alpha_bar(t, like=t.to(torch.float64)).log()  # (B,) float64
         b0, slope = self.beta_min, self.beta_max - self.beta_min
         # the positive root of b0 s + slope s^2 / 2 = -log abar, in a form without cancellation
         s = 2 * neg_log_abar / (b0 + (b0**2 + 2 * slope * neg_log_abar).sqrt())

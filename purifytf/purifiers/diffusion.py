@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..base import Purifier
 from ..diffusion.backbones import Backbone
-from ..diffusion.schedule import NoiseSchedule, network_timestep
+from ..diffusion.schedule import NoiseSchedule
 from ..functional import straight_through, to_image_space, to_model_space
 from ..nfe import record_nfe
 from ..score import expected_perturbation_score
@@ -92,7 +92,7 @@ class DiffusionPurifier(Purifier):
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """One counted network call: ``x_t`` (B,C,H,W) in [-1, 1], ``t`` (B,) steps -> eps."""
         record_nfe()
-        net_t = network_timestep(t).to(x_t.dtype if t.is_floating_point() else t.dtype)
+        net_t = t.to(x_t.dtype) if t.is_floating_point() else t
         if self.checkpoint and torch.is_grad_enabled():
             return checkpoint_call(self.backbone, x_t, net_t, use_reentrant=False)
         return self.backbone(x_t, net_t)

@@ -7,17 +7,14 @@ The checkpoint's ``model.safetensors`` holds the EMA weights (the product, a bac
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..diffusion.backbones import Backbone
-from ..diffusion.schedule import network_timestep
 from ..random import rand_like, randn_like
 from .loop import OptimConfig, Trainer
 
@@ -53,7 +50,7 @@ class DDPMTrainer(Trainer):
 
     def losses(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         x_t, t, eps = _noised(self.network, images * 2 - 1, generator)
-        return {"mse": F.mse_loss(self.network(x_t, network_timestep(t)), eps)}
+        return {"mse": F.mse_loss(self.network(x_t, t), eps)}
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -64,8 +61,7 @@ class DDPMTrainer(Trainer):
             average.copy_(live)
 
     def save_model(self, directory: Path) -> None:
-        safetensors.torch.save_model(self.model, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(self.model.config, indent=2) + "\n")
+        self.model.save_pretrained(directory)
 
     def extra_state(self) -> dict[str, object]:
         return {"network": self.network.state_dict()}
@@ -85,7 +81,7 @@ def denoising_psnr(backbone: Backbone, images: Tensor, t: int, generator: torch.
         x0 = x.to(device) * 2 - 1
         steps = torch.full((len(x0),), t, device=x0.device)
         x_t, _, _ = _noised(backbone, x0, generator, steps)
-        estimate = backbone.schedule.predict_x0(x_t, steps, backbone(x_t, network_timestep(steps)))
+        estimate = backbone.schedule.predict_x0(x_t, steps, backbone(x_t, steps))
         squared_error += ((estimate - x0) / 2).square().sum().item()
     mse = squared_error / images.numel()
     return float(10 * torch.log10(torch.tensor(1.0 / mse)))
