@@ -14,7 +14,8 @@ LAYERS = [
     # would sit better outside the evaluation package, whose __init__ it loads
     ("purifytf.config", "purifytf.functional", "purifytf.random", "purifytf.nfe", "purifytf.inputs",
      "purifytf.evaluation.report"),
-    ("purifytf.diffusion", "purifytf.checkpoints", "purifytf.models", "purifytf.saliency", "purifytf.score"),
+    ("purifytf.diffusion", "purifytf.checkpoints", "purifytf.models", "purifytf.saliency", "purifytf.score",
+     "purifytf.data"),
     ("purifytf.base", "purifytf.hub"),
     ("purifytf.purifiers", "purifytf.classifiers"),
     ("purifytf.factory", "purifytf.defended", "purifytf.attacks"),
@@ -71,6 +72,11 @@ def test_no_import_climbs_up_the_layers():
     upward = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
               if layer(t) > layer(m) and not is_parent_package(m, t)]
     assert upward == []
+
+
+def test_evaluation_does_not_import_training():
+    assert [f"{m} -> {t}" for m, targets in graph().items() for t in targets
+            if m.startswith("purifytf.evaluation") and t.startswith("purifytf.train")] == []
 
 
 def test_no_import_cycles():

@@ -12,7 +12,7 @@
   first 1,000 Fashion-MNIST test images (MIT licence, Zalando Research).
 
 ``size`` (folders and torchvision datasets) resizes the shorter side and centre-crops to a square.
-Arrays and folders are read with :mod:`purifytf.train.data`.
+Arrays and folders are read with :mod:`purifytf.data`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..train.data import ArrayData, ImageFolderData, read_idx, to_images, torchvision_dataset
+from ..data import ArrayData, ImageFolderData, read_idx, to_images, torchvision_dataset
 
 __all__ = ["BUNDLED", "load_dataset"]
 

@@ -25,9 +25,9 @@ from torch import nn
 from torchvision.transforms import v2
 
 from ..classifiers import load_classifier
+from ..data import open_data
 from ..models.mae import MAE_PRESETS
 from ..purifiers.impure import IMPurify
-from .data import open_data
 from .impure import FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
 from .loop import STATE_FILE
 

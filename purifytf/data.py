@@ -1,0 +1,184 @@
+"""Image data sources, shared by training and evaluation: a folder of images, an IDX / NumPy array, or a
+torchvision dataset.
+
+Every source is a map-style dataset of ``(image, label)`` pairs: ``image`` a float32
+``(C, H, W)`` tensor in [0, 1], ``label`` an int (``-1`` where the source has none). Use
+:func:`open_data` to open one from a command-line spec.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import inspect
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+__all__ = ["ArrayData", "ImageFolderData", "NO_LABEL", "load_array", "open_data", "read_idx", "to_images",
+           "torchvision_dataset"]
+
+NO_LABEL = -1
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _resize(image_size: int | None) -> list[v2.Transform]:
+    """Resize the short side to ``image_size`` and centre-crop a square (nothing for ``None``)."""
+    return [] if image_size is None else [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+
+
+def _image_transform(image_size: int | None) -> v2.Compose:
+    """PIL / uint8 / float image -> float (C, H, W) in [0, 1], resized by :func:`_resize`."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *_resize(image_size)])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST / Fashion-MNIST format, optionally gzipped)."""
+    path = Path(path)
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def load_array(path: str | Path) -> np.ndarray:
+    """An array from ``.npy``, ``.npz`` (its first array) or an IDX file."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix == ".npz":
+        with np.load(path) as archive:
+            return archive[archive.files[0]]
+    return read_idx(path)
+
+
+def to_images(array: np.ndarray | Tensor) -> Tensor:
+    """(N, H, W), (N, H, W, C) with C in {1, 3} or (N, C, H, W) -> float (N, C, H, W) in [0, 1].
+
+    Integer arrays are scaled by 1/255; float arrays must already lie in [0, 1].
+    """
+    images = torch.as_tensor(np.asarray(array))
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.permute(0, 3, 1, 2)
+    if images.dim() != 4:
+        raise ValueError(f"expected images (N, H, W), (N, H, W, C) or (N, C, H, W), got {tuple(images.shape)}")
+    if images.is_floating_point():
+        return images.float().contiguous()
+    return images.float().div(255).contiguous()
+
+
+class ArrayData(Dataset):
+    """In-memory images (N, C, H, W) in [0, 1] with optional integer labels (N,)."""
+
+    def __init__(self, images: Tensor, labels: Tensor | np.ndarray | None = None):
+        self.images = images
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels)).long()
+        if self.labels is not None and len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        label = NO_LABEL if self.labels is None else int(self.labels[index])
+        return self.images[index], label
+
+    @classmethod
+    def from_file(cls, path: str | Path, labels: str | Path | None = None) -> ArrayData:
+        """Load ``path``; ``*-images-idx3-*`` files pick up their ``*-labels-idx1-*`` sibling automatically."""
+        path = Path(path)
+        sibling = path.with_name(path.name.replace("images", "labels").replace("idx3", "idx1"))
+        if labels is None and sibling != path and sibling.exists():
+            labels = sibling
+        return cls(to_images(load_array(path)), None if labels is None else load_array(labels))
+
+
+class ImageFolderData(Dataset):
+    """Image files under ``root`` (recursive, sorted); labels are the sorted first-level folders.
+
+    Files directly in ``root`` have no label. Without ``image_size`` all images must share a size.
+    """
+
+    def __init__(self, root: str | Path, image_size: int | None = None):
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"no image files under {self.root}")
+        self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.files if p.parent != self.root})
+        self.transform = _image_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path = self.files[index]
+        with PIL.Image.open(path) as file:
+            image = file.convert("L" if file.mode in _GREY_MODES else "RGB")
+        label = NO_LABEL if path.parent == self.root else self.classes.index(path.relative_to(self.root).parts[0])
+        return self.transform(image), label
+
+
+def torchvision_dataset(name: str, root: str | Path, train: bool = True, split: str | None = None,
+                        image_size: int | None = None) -> Dataset:
+    """``torchvision.datasets.NAME`` already in ``root`` (never downloads), as ``(image, label)`` pairs.
+
+    The split is ``train=`` for datasets that take it, else ``split=`` (default ``"train"`` or
+    ``"test"`` by ``train``). Images go through :func:`_image_transform` (``image_size``).
+    """
+    datasets = importlib.import_module("torchvision.datasets")
+    cls = getattr(datasets, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    params = inspect.signature(cls).parameters
+    kwargs = {"download": False} if "download" in params else {}
+    if "train" in params:
+        kwargs["train"] = train
+    elif "split" in params:
+        kwargs["split"] = split or ("train" if train else "test")
+    return _TorchvisionData(cls(str(root), **kwargs), image_size)
+
+
+class _TorchvisionData(Dataset):
+    def __init__(self, dataset: Dataset, image_size: int | None):
+        self.dataset = dataset
+        self.transform = _image_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), int(label)
+
+
+def open_data(spec: str, image_size: int | None = None, labels: str | None = None) -> Dataset:
+    """Open a training source of ``(image, label)`` pairs.
+
+    ``spec``: a directory (:class:`ImageFolderData`); a ``.npy`` / ``.npz`` / IDX file
+    (:class:`ArrayData`, ``labels`` an optional array file of the same kind); or
+    ``torchvision:NAME:ROOT`` (``torchvision.datasets.NAME(ROOT, train=True)``, never downloads).
+    ``image_size`` resizes (short side) and centre-crops folder and torchvision images.
+    """
+    if spec.startswith("torchvision:"):
+        _, name, root = (spec.split(":", 2) + [""])[:3]
+        return torchvision_dataset(name, root or ".", train=True, image_size=image_size)
+    path = Path(spec)
+    if path.is_dir():
+        return ImageFolderData(path, image_size)
+    if path.is_file():
+        data = ArrayData.from_file(path, labels)
+        if image_size is not None and data.images.shape[-2:] != (image_size, image_size):
+            data.images = v2.Compose(_resize(image_size))(data.images)
+        return data
+    raise FileNotFoundError(f"no training data at {spec!r}")
