@@ -1,8 +1,10 @@
 """The purifier contract every purifier implements.
 
-A purifier is an ``nn.Module``, a torchvision ``transforms.v2.Transform`` and a Hugging Face
-``PyTorchModelHubMixin``: it drops into ``v2.Compose``, serialises its constructor arguments to
-``config.json`` and its weights to ``model.safetensors``, and is differentiable end to end.
+A purifier is an ``nn.Module``, a torchvision ``transforms.v2.Transform`` and a
+:class:`~purifytf.config.Configurable` (a Hugging Face Hub mixin): it drops into ``v2.Compose``,
+saves its settings to ``config.json`` (naming its class; nested parts included) and its weights
+to ``model.safetensors``, loads back with ``Purifier.from_pretrained`` / ``purifytf.load_purifier``
+whatever its class, and is differentiable end to end.
 
 Subclasses implement :meth:`Purifier._purify` on a validated ``(B, C, H, W)`` float batch in
 [0, 1] at the purifier's working resolution; this class does the rest (checks, shapes, dtype,
