@@ -1,4 +1,4 @@
-"""``purifytf`` command line: ``python -m purifytf {demo,eval,purify,train} ...``.
+"""``purifytf`` command line: ``python -m purifytf {app,demo,eval,purify,train} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "app": ("purifytf.app", "web page: attack an image and watch each purifier clean it (the app extra)"),
     "demo": ("purifytf.demo", "run every purifier on the embedded default models"),
     "eval": ("purifytf.evaluation.cli", "robust accuracy under adaptive attacks"),
     "purify": ("purifytf.purify", "purify PNG/JPEG files or folders"),
