@@ -153,12 +153,13 @@ def test_bad_number_is_an_argparse_error(setup, tmp_path, capsys):
     assert exit_info.value.code == 2 and "fraction" in capsys.readouterr().err
 
 
-def test_saved_purifier_needs_its_class_and_takes_options(setup, tmp_path):
+def test_saved_purifier_loads_without_its_class_and_takes_options(setup, tmp_path):
     import toy_eval
 
     toy_eval.purifier().save_pretrained(tmp_path / "saved")
-    with pytest.raises(ValueError, match="--purifier-class"):
-        load_purifier(str(tmp_path / "saved"))
+    assert isinstance(load_purifier(str(tmp_path / "saved")), DiffPurify)  # config.json names the class
+    with pytest.raises(ValueError, match="holds a DiffPurify, not a SSNIPurify"):
+        load_purifier(str(tmp_path / "saved"), "SSNIPurify")
     purifier = load_purifier(str(tmp_path / "saved"), "DiffPurify", {"steps": 1}, checkpoint=True, seed=3)
     assert isinstance(purifier, DiffPurify) and purifier.steps == 1 and purifier.checkpoint and purifier.seed == 3
 

@@ -1,8 +1,8 @@
 """Building purifiers, classifiers and normalisations from the command line's strings.
 
-- Purifier: ``none``; a saved directory or Hub repo id with its class (``DiffPurify``) given
-  separately, loaded with ``purifier_class(cls).from_pretrained(path, **options)``; or a Python
-  entry ``module:function`` called as ``function(**options)``.
+- Purifier: ``none``; a saved directory or Hub repo id, loaded with
+  ``purifytf.load_purifier(path, **options)`` (``config.json`` names the class; a class given as
+  well is checked against it); or a Python entry ``module:function`` called as ``function(**options)``.
 - Classifier: :func:`purifytf.classifiers.load_classifier` (``timm:NAME`` or a bare timm name,
   ``torchvision:NAME``, ``purifytf:NAME``, ``module:function``; a weights file), shared with ``purifytf train``.
 - Normalisation: ``auto`` (timm's ``pretrained_cfg``), ``none``, a torchvision weights name
@@ -54,12 +54,12 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
     if _is_entry_point(spec):
         purifier = entry_point(spec)(**options)
     else:
-        if not cls:
-            raise ValueError(f"loading purifier {spec!r} needs its class, e.g. --purifier-class DiffPurify "
-                             "(config.json does not name it)")
         from ..factory import load_purifier as load_saved
 
         purifier = load_saved(spec, **options)  # config.json names the class
+        if cls and type(purifier).__name__ != cls:
+            raise ValueError(f"{spec!r} holds a {type(purifier).__name__}, not a {cls} (the class is read from "
+                             "config.json: --purifier-class is not needed)")
     if not isinstance(purifier, nn.Module):
         raise ValueError(f"purifier {spec!r} is a {type(purifier).__name__}, not an nn.Module")
     if checkpoint:
