@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Purifier
+from .functional import straight_through
 
 __all__ = ["DefendedModel", "adapt_normalization", "input_channels", "resolve_normalization"]
 
@@ -131,7 +132,7 @@ class DefendedModel(nn.Module):
         if self.purifier is None:
             return x
         purified = self.purifier(x)
-        return x + (purified - x).detach() if self.bpda else purified
+        return straight_through(purified, x) if self.bpda else purified  # BPDA: identity backward
 
     def normalize(self, x: Tensor) -> Tensor:
         """[0, 1] images -> the classifier's input space."""
