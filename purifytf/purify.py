@@ -36,12 +36,13 @@ DEFAULT_PURIFIER = "saliency_diffpure.fashion_mnist"
 def load_purifier(spec: str) -> nn.Module:
     """A saved directory or Hub repo id (``save_pretrained``), or a name of :func:`purifytf.factory.list_purifiers`
     with its pretrained weights."""
-    from .factory import create_purifier, list_purifiers, load_purifier
+    from .factory import create_purifier, list_purifiers
+    from .factory import load_purifier as load_saved
 
     if spec in list_purifiers():
         return create_purifier(spec, pretrained=True)
     if Path(spec).is_dir() or spec.count("/") == 1:
-        return load_purifier(spec)
+        return load_saved(spec)
     raise ValueError(f"unknown purifier {spec!r}: give a saved directory, a Hub repo id or one of {list_purifiers()}")
 
 

@@ -124,7 +124,7 @@ def test_more_images_extend_a_run_but_another_configuration_is_refused(setup, tm
 
 @pytest.mark.parametrize("change, message", [
     ({"--attacks": "pgd-eot"}, "unknown attack 'pgd-eot'"),
-    ({"--classifier": "no_such_model"}, "neither a timm model name"),
+    ({"--classifier": "no_such_model"}, "unknown classifier 'no_such_model'"),
     ({"--classifier": "test_resnet"}, "random weights"),
     ({"--classifier": "toy_eval:missing"}, "no callable 'missing'"),
     ({"--dataset": "npz:missing.npz"}, "no such file"),
