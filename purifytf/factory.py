@@ -44,6 +44,13 @@ BACKBONES: dict[str, str] = {
 }
 """Backbone tag of a variant name -> registered weights (:func:`purifytf.hub.get_weights`)."""
 
+PAPER_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "saliency_diffpure": {"guided-diffusion-256-uncond": {"t_l": 0.4, "t_s": 0.2, "mask": "topk", "fraction": 0.15}},
+    "ssni": {"guided-diffusion-256-uncond": {"eps_steps": 50}},
+}
+"""Method -> weights -> the paper's settings where they differ from the class defaults (ALGORITHMS.md); DiffPure's
+``t_star`` is the weights' own ``purifier_kwargs`` (:class:`purifytf.hub.Weights`)."""
+
 Builder = Callable[..., Purifier]
 _VARIANTS: dict[str, Builder] = {}
 
@@ -130,8 +137,9 @@ def _diffpure(weights: str) -> Builder:
 def _saliency(weights: str) -> Builder:
     def build(pretrained: bool, backbone: Backbone | None = None, classifier: nn.Module | None = None,
               **kw) -> SaliencyDiffPurify:
+        settings = {**PAPER_SETTINGS["saliency_diffpure"].get(get_weights(weights).name, {}), **kw}
         return SaliencyDiffPurify(_backbone(weights, pretrained, backbone),
-                                  _classifier(weights, pretrained, classifier), **kw)
+                                  _classifier(weights, pretrained, classifier), **settings)
     return build
 
 
@@ -139,7 +147,8 @@ def _ssni(weights: str, base: Builder) -> Builder:
     own = set(SSNIPurify._settings()) - {"base"}
 
     def build(pretrained: bool, **kw) -> SSNIPurify:
-        ssni_kw = {k: kw.pop(k) for k in list(kw) if k in own}
+        ssni_kw = {**PAPER_SETTINGS["ssni"].get(get_weights(weights).name, {}),
+                   **{k: kw.pop(k) for k in list(kw) if k in own}}
         if pretrained and "stats" not in ssni_kw and "ssni_stats" in get_weights(weights).companions:
             saved = json.loads(companion_file(weights, "ssni_stats").read_text())
             ssni_kw = {"eps_steps": saved.pop("eps_steps"), "stats": saved, **ssni_kw}

@@ -70,6 +70,16 @@ def test_untrained_variant_of_a_downloadable_backbone():
     assert purifier.t_star == 0.1 and purifier.sample_size == (32, 32)
 
 
+def test_paper_settings_per_backbone():
+    small = OracleBackbone(torch.rand(1, 3, 8, 8))  # instead of the 553M-parameter ImageNet network
+    imagenet = create_purifier("ssni_saliency_diffpure.guided_imagenet256", backbone=small,
+                               classifier=nn.Conv2d(3, 3, 1))
+    assert (imagenet.eps_steps, imagenet.base.t_l, imagenet.base.t_s, imagenet.base.mask) == (50, 0.4, 0.2, "topk")
+    assert create_purifier("diffpure.guided_imagenet256", backbone=small).t_star == 0.15
+    cifar = create_purifier("ssni_saliency_diffpure.ddpm_cifar10", classifier=nn.Conv2d(3, 3, 1))
+    assert (cifar.eps_steps, cifar.base.t_l, cifar.base.t_s, cifar.base.mask) == (20, 0.2, 0.1, "threshold")
+
+
 def test_defence_table_is_the_demos():
     table = defence_table()
     assert set(DEFENCES) <= set(table) and table["no defence"] == (None, {})
