@@ -26,6 +26,7 @@ from torch import nn
 
 from .base import Purifier
 from .classifiers import fashion_mnist_cnn
+from .config import read_config
 from .diffusion.backbones import Backbone
 from .hub import companion_file, get_weights, load_backbone, model_card, untrained_backbone
 from .purifiers.classic import BitDepthPurify, BlurPurify, JPEGPurify, RandomResizePadPurify
@@ -69,11 +70,10 @@ def create_purifier(name: str, pretrained: bool = False, **overrides: Any) -> Pu
             ``HF_HUB_OFFLINE=1`` from the cache only) and, where bundled, SSNI's calibration statistics.
             ``False``: randomly initialised networks, SSNI uncalibrated.
         **overrides: constructor arguments replacing the variant's settings. For SSNI variants, the
-            arguments ``SSNIPurify`` does not take go to its base purifier (``steps=10``), or ``base=`` replaces
-            that purifier. Diffusion
-            variants also take ``backbone=`` (a :class:`~purifytf.diffusion.Backbone` used instead of
-            the variant's), saliency variants ``classifier=`` (default: the bundled classifier where
-            one is bundled).
+            arguments ``SSNIPurify`` does not take go to its base purifier (``steps=10``), or ``base=``
+            replaces that purifier. Diffusion variants also take ``backbone=`` (a
+            :class:`~purifytf.diffusion.Backbone` used instead of the variant's), saliency variants
+            ``classifier=`` (default: the bundled classifier where one is bundled).
 
     Besides the listed names, ``METHOD.WEIGHTS`` builds a diffusion method on any registered weights.
     """
@@ -161,8 +161,10 @@ def _ssni(weights: str, base: Builder) -> Builder:
 
 def _impure(weights: str) -> Builder:
     def build(pretrained: bool, **kw) -> IMPurify:
-        if not pretrained:
-            return IMPurify(**{"in_channels": 1, **kw})
+        if not pretrained:  # the bundled network's channels where there is one, else the class default
+            bundled = "impure" in get_weights(weights).companions
+            channels = {"in_channels": read_config(companion_file(weights, "impure"))["in_channels"]} if bundled else {}
+            return IMPurify(**{**channels, **kw})
         return IMPurify.from_pretrained(companion_file(weights, "impure"), **kw)
     return build
 
