@@ -121,8 +121,8 @@ class Configurable(PyTorchModelHubMixin):
     def from_config(cls, config: dict[str, Any], **kwargs) -> "Configurable":
         """Rebuild the object ``config`` describes (weights random or empty).
 
-        ``config`` must name ``cls`` or a subclass; configs that name no class (written before
-        purifytf 0.2) are read as ``cls``'s, converted by :meth:`_upgrade_legacy`. ``kwargs`` go to
+        ``config`` must name ``cls`` or a subclass; configs that name no class (written before class
+        names were recorded) are read as ``cls``'s, converted by :meth:`_upgrade_legacy`. ``kwargs`` go to
         every part (this one or nested) whose constructor takes them; one no part takes is an error.
         """
         used: set[str] = set()
@@ -135,9 +135,10 @@ class Configurable(PyTorchModelHubMixin):
     @classmethod
     def _resolve(cls, config: dict[str, Any]) -> tuple[type, dict[str, Any]]:
         """The class a config names and the config in the current format."""
-        if set(config) == set(_LEGACY_NESTED):
-            config = {CLASS_KEY: config["class"], **config["config"]}
-        if CLASS_KEY in config:
+        if set(config) == set(_LEGACY_NESTED):  # a nested purifier as saved before class names
+            target = config_class(config["class"])
+            config = target._upgrade_legacy(dict(config["config"]))
+        elif CLASS_KEY in config:
             target = config_class(config[CLASS_KEY])
         else:
             target = cls._legacy_class(config)
@@ -148,15 +149,15 @@ class Configurable(PyTorchModelHubMixin):
 
     @classmethod
     def _legacy_class(cls, config: dict[str, Any]) -> type:
-        """The class of a config that names none (before purifytf 0.2)."""
-        if inspect.isabstract(cls) or cls.__dict__.get("_abstract_config", False):
-            raise ValueError(f"the config names no class ({CLASS_KEY!r} missing: saved before purifytf 0.2); "
-                             f"load it through its own class, e.g. DiffPurify.from_pretrained(path)")
+        """The class of a config that names none (saved before class names were recorded)."""
+        if cls.__dict__.get("_abstract_config", False):
+            raise ValueError(f"the config names no class ({CLASS_KEY!r} missing: saved before class names were "
+                             f"recorded); load it through its own class, e.g. DiffPurify.from_pretrained(path)")
         return cls
 
     @classmethod
     def _upgrade_legacy(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Convert a config saved before purifytf 0.2 (no class name) to the current settings."""
+        """Convert a config saved before class names were recorded to the current settings (units)."""
         return config
 
     @classmethod

@@ -59,7 +59,7 @@ class Backbone(Configurable, nn.Module):
         min_size: smallest side the network can process.
         max_t: largest schedule step the network was trained on (default: all ``T``); diffusion
             purifiers refuse noise levels beyond it.
-        kind: name in configs saved before purifytf 0.2 (read only to load those).
+        kind: name in configs saved before class names were recorded (read only to load those).
     """
 
     kind: ClassVar[str]

@@ -57,7 +57,7 @@ class IMPurify(Purifier):
 
     @classmethod
     def _upgrade_legacy(cls, config: dict) -> dict:
-        """Configs before purifytf 0.2 gave ``image_t``/``feature_t`` in steps of T = 1000."""
+        """Configs saved before class names were recorded gave ``image_t``/``feature_t`` in steps of T = 1000."""
         return {**config, **{k: config[k] / _LEGACY_T for k in ("image_t", "feature_t") if k in config}}
 
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -211,7 +211,7 @@ class SSNIPurify(Purifier):
 
     @classmethod
     def _upgrade_legacy(cls, config: dict) -> dict:
-        """Configs before purifytf 0.2 gave ``bias`` in steps of T = 1000."""
+        """Configs saved before class names were recorded gave ``bias`` in steps of T = 1000."""
         return {**config, "bias": config["bias"] / 1000} if "bias" in config else config
 
     def extra_repr(self) -> str:
