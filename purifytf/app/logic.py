@@ -82,7 +82,7 @@ class Models:
         self.images, self.labels = data.images, data.labels
         self.channels, self.size = self.images.shape[1], tuple(self.images.shape[-2:])
         self._purifiers: dict[str, Purifier] = {}
-        self._lock = threading.Lock()  # one computation at a time: the global RNG is forked and seeded
+        self.lock = threading.Lock()  # one computation at a time: the global RNG is forked and seeded
 
     def purifier(self, name: str) -> Purifier:
         """The defence ``name`` of :func:`purifier_names`, built once."""
@@ -275,7 +275,7 @@ def run_page(models: Models, source: str, index, upload, attack: str, eps, steps
                 read_upload(upload, models.channels, models.size))
     seed = int(seed)
     x = prepared.image.to(models.device)
-    with models._lock, torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
+    with models.lock, torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
         clean = Result("clean", x, top_k(models.classifier, x))
         label = prepared.label if prepared.label is not None else CLASS_NAMES.index(clean.top3[0][0])
         clean.facts["label"] = CLASS_NAMES[prepared.label] if prepared.label is not None else "unknown"

@@ -82,12 +82,13 @@ def build_page(models: logic.Models | None = None):
     return page
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, device: str | None = None, block: bool = True):
-    """Serve the page on ``host:port``, offline (no share link, analytics, telemetry or CDN fonts).
+def launch(host: str = "127.0.0.1", port: int = 7860, models: logic.Models | None = None, block: bool = True):
+    """Serve the page on ``models`` (see :func:`build_page`) at ``host:port``, offline (no share link, analytics,
+    telemetry or CDN fonts).
 
     ``block=False`` returns at once (the server runs in a thread; ``page.close()`` stops it). Returns the page.
     """
-    page = build_page(logic.Models(device))
+    page = build_page(models)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
                 max_file_size=logic.MAX_UPLOAD_BYTES, theme=_theme(), ssr_mode=False, mcp_server=False,
@@ -108,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print('purifytf app needs Gradio: pip install "purifytf[app]"')
         return 1
-    launch(args.host, args.port, args.device)
+    launch(args.host, args.port, logic.Models(args.device))
     return 0
