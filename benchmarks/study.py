@@ -16,7 +16,7 @@ all-convolutional net no purifier setting was tuned on) is trained once, reprodu
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
-    python benchmarks/study.py --images 64 --rows "DiffPurify DDPM t*=0.1" "SaliencyDiffPurify default" --threats linf
+    python benchmarks/study.py --images 64 --rows "DiffPurify DDIM t*=0.1" "SaliencyDiffPurify default" --threats linf
 
 Writes per-image records under ``--records`` (default ``benchmarks/results/study/``),
 ``benchmarks/results/study.json`` and ``benchmarks/results/study.md`` (the tables for MODEL_CARD.md and README).
@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
     defaults = Budget()
     for name in ("images", "large_images", "large_nfe", "steps", "eot", "runs", "batch_size", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these")
+    parser.add_argument("--rows", nargs="*", choices=[r.name for r in ROWS], metavar="ROW",
+                        help="only these rows (names of ROWS; default: all)")
     parser.add_argument("--threats", nargs="+", default=list(THREATS), choices=list(THREATS))
     parser.add_argument("--classifiers", nargs="+", default=["cnn", "allconv"], choices=["cnn", "allconv"])
     parser.add_argument("--convergence", action="store_true", help="also run steps and EOT doubled on a subset")
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = Budget(**{k: getattr(args, k) for k in asdict(defaults)})
-    rows = [r for r in ROWS if not args.rows or any(key in r.name for key in args.rows)]
+    rows = [r for r in ROWS if not args.rows or r.name in args.rows]
     device = torch.device(args.device)
     classifiers = {"cnn": fashion_mnist_cnn(pretrained=True)}
     if "allconv" in args.classifiers:

@@ -119,7 +119,7 @@ def test_convergence_doubles_steps_and_eot(tmp_path, classifier, dataset):
 
 
 def test_cli_writes_json_and_markdown(tmp_path):
-    result = study.main(["--rows", "no defence", "JPEG", "--classifiers", "cnn", "--threats", "linf", "l2",
+    result = study.main(["--rows", "no defence", "JPEG q=75", "--classifiers", "cnn", "--threats", "linf", "l2",
                          "--images", "2", "--steps", "1", "--eot", "1", "--runs", "1", "--batch-size", "2",
                          "--records", str(tmp_path / "records"), "--output", str(tmp_path / "study.json"),
                          "--no-progress", "--cache", str(tmp_path / "unused")])
