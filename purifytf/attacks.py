@@ -162,7 +162,7 @@ def apgd(model: DefendedModel, x: Tensor, y: Tensor, *, losses: Sequence[str], e
          eot: int = 1) -> Tensor:
     """torchattacks' Linf APGD once per loss (``"ce"``, ``"dlr"``), each run on the images the previous runs left.
 
-    Against a stochastic, voting defence torchattacks' own ``APGD``/``MultiAttack`` are wrong in three
+    Against a stochastic, voting defence torchattacks' own ``APGD``/``MultiAttack`` go wrong in four
     ways, mended here: every image is attacked (torchattacks skips those whose single clean pass is
     wrong); each run returns its best-loss iterate per image (torchattacks returns the clean image unless
     one stochastic pass was fooled); the runs draw fresh purifier noise from the global RNG (torchattacks
