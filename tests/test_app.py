@@ -312,8 +312,15 @@ def test_browser_attack_and_purify(models, server, browser):
     assert checked == keep
     browser.find_element(By.CSS_SELECTOR, "#run").click()
 
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .purify-card")) == 4
-               or d.find_elements(By.CSS_SELECTOR, "#results .app-error"))
+    progress = set()  # the progress bar's messages seen while waiting (SSNI's 30 NFE alone last > 0.3 s on a CPU)
+
+    def done(driver) -> bool:
+        progress.update(e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .progress-level-inner"))
+        return (len(driver.find_elements(By.CSS_SELECTOR, "#results .purify-card")) == 4
+                or bool(driver.find_elements(By.CSS_SELECTOR, "#results .app-error")))
+
+    WebDriverWait(browser, 240, poll_frequency=0.05).until(done)
+    assert any(t.startswith(("attack: step", "purifying: ")) for t in progress), progress
     assert not browser.find_elements(By.CSS_SELECTOR, "#results .app-error")
     cards = browser.find_elements(By.CSS_SELECTOR, "#results .purify-card")
     titles = [c.find_element(By.CSS_SELECTOR, ".title").text for c in cards]
