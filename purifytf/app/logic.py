@@ -31,8 +31,8 @@ from ..purifiers.ssni import SSNIPurify
 
 __all__ = ["ATTACKS", "BARE_CLASSIFIER", "CLASS_NAMES", "DEFAULT_PURIFIERS", "EOT_MAX", "EPS_MAX", "MAX_UPLOAD_BYTES",
            "MAX_UPLOAD_PIXELS", "SOURCES", "STEPS_MAX", "AppInputError", "AttackRequest", "Models", "Prepared",
-           "Result", "bundled_image", "format_error", "format_results", "handle", "purifier_names", "read_upload",
-           "run_attack", "run_page", "top_k"]
+           "Result", "bundled_image", "format_error", "format_results", "handle", "purifier_names", "purify",
+           "read_upload", "run_attack", "run_page", "top_k"]
 
 log = logging.getLogger(__name__)
 
