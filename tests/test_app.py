@@ -315,7 +315,8 @@ def test_browser_attack_and_purify(models, server, browser):
     progress = set()  # the progress bar's messages seen while waiting (SSNI's 30 NFE alone last > 0.3 s on a CPU)
 
     def done(driver) -> bool:
-        progress.update(e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .progress-level-inner"))
+        progress.update(driver.execute_script(  # in one script: the bar's elements come and go while polled
+            "return [...document.querySelectorAll('#results .progress-level-inner')].map(e => e.textContent.trim())"))
         return (len(driver.find_elements(By.CSS_SELECTOR, "#results .purify-card")) == 4
                 or bool(driver.find_elements(By.CSS_SELECTOR, "#results .app-error")))
 
