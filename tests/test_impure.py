@@ -6,7 +6,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from purifytf import count_nfe
-from purifytf.models.mae import GROUPS, MAE_PRESETS, build_reconstructor, interleaved_order, random_order
+from purifytf.models.mae import GROUPS, MAE_PRESETS, _uniform_t, build_reconstructor, interleaved_order, random_order
 from purifytf.purifiers.impure import IMPurify
 
 SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32, "decoder_depth": 1,
@@ -17,9 +17,9 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def small(in_channels=1, **kwargs) -> IMPurify:
+def small(in_channels=1, overrides=None, **kwargs) -> IMPurify:
     torch.manual_seed(0)
-    return IMPurify(in_channels=in_channels, overrides=SMALL, **kwargs)
+    return IMPurify(in_channels=in_channels, overrides={**SMALL, **(overrides or {})}, **kwargs)
 
 
 def group_masks(h, w, p) -> torch.Tensor:
@@ -66,7 +66,7 @@ def test_each_patch_is_predicted_once_from_a_pass_hiding_its_group():
 def test_hidden_group_sees_its_input_only_through_the_noise():
     """Full pipeline: at full noise a patch's interior output (away from the 3x3 head's reach) is its own group's
     business only through the noised copy, a ~1e-5 signal."""
-    purifier = small(image_t=1000, feature_t=1000, seed=0)
+    purifier = small(image_t=1.0, feature_t=1.0, seed=0)
     x = torch.rand(1, 1, 16, 16, generator=gen(1))
     interior = torch.zeros(16, 16, dtype=torch.bool)
     interior.view(4, 4, 4, 4)[:, 1:3, :, 1:3] = True
@@ -99,10 +99,10 @@ def test_rgb_image_tensor_and_float64():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    purifier = small(in_channels=3, image_t=300, seed=4)
+    purifier = small(in_channels=3, image_t=0.3, seed=4)
     purifier.save_pretrained(tmp_path)
     loaded = IMPurify.from_pretrained(tmp_path)
-    assert loaded.network.config == purifier.network.config and loaded.image_t == 300 and loaded.seed == 4
+    assert loaded.network.config == purifier.network.config and loaded.image_t == 0.3 and loaded.seed == 4
     x = torch.rand(2, 3, 12, 12, generator=gen())
     assert torch.equal(loaded(x), purifier(x))
     assert loaded.state_dict().keys() == purifier.state_dict().keys()
@@ -124,6 +124,13 @@ def test_gradient_reaches_the_input():
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def test_gradients_are_exact():
+    """Autograd matches finite differences through the whole purifier (float64, fixed noise draws)."""
+    purifier = small(seed=0).double()
+    x = (0.1 + 0.8 * torch.rand(1, 1, 8, 8, generator=gen(), dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda images: purifier.purify(images, gen(1)), (x,), eps=1e-6, atol=1e-6)
+
+
 def test_bad_inputs_and_arguments():
     purifier = small()
     with pytest.raises(ValueError, match="1-channel"):
@@ -135,9 +142,27 @@ def test_bad_inputs_and_arguments():
     with pytest.raises(ValueError, match="unknown preset"):
         IMPurify(preset="huge")
     with pytest.raises(ValueError, match="feature_t"):
-        IMPurify(feature_t=1001)
+        IMPurify(feature_t=1.01)
     with pytest.raises(ValueError, match="fuse_indices"):
         build_reconstructor("tiny", fuse_indices=[3])
+    for bad in ([0.5, 0.5], [0.2, 1.2], [-0.1, 0.3]):
+        with pytest.raises(ValueError, match="train_image_t must be fractions of T"):
+            build_reconstructor("tiny", train_image_t=bad)
+
+
+def test_training_noise_levels_come_from_the_configured_ranges():
+    t = _uniform_t((0.05, 0.3), 1000, 20000, gen(), None)
+    assert t.dtype == torch.long and t.min() == 50 and t.max() == 299
+    assert torch.bincount(t - 50).min() > 0  # every level of the range is drawn
+    assert torch.equal(_uniform_t((0.2, 1.0), 1000, 5, gen(), None), _uniform_t((0.2, 1.0), 1000, 5, gen(), None))
+
+
+def test_training_ranges_travel_with_the_weights(tmp_path):
+    purifier = small(overrides={"train_image_t": [0.0, 0.3], "train_feature_t": [0.1, 0.6]})
+    purifier.save_pretrained(tmp_path)
+    config = IMPurify.from_pretrained(tmp_path).network.config
+    assert (config.train_image_t, config.train_feature_t) == ((0.0, 0.3), (0.1, 0.6))
+    assert MAE_PRESETS["base"].train_image_t == (0.2, 0.6) and MAE_PRESETS["base"].train_feature_t == (0.2, 1.0)
 
 
 def test_presets_have_the_documented_sizes():

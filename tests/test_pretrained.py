@@ -13,6 +13,7 @@ from purifytf.train.data import ArrayData
 from purifytf.train.ddpm import denoising_psnr
 
 PARTS = ("classifier", "ddpm", "impure", "ssni")
+IMPURIFY_KEEPS = {"classifier": 0.80, "check_classifier": 0.75}  # guards of the shipped run; issue 18 asks 0.85
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +59,20 @@ def test_backbone_denoises(data):
     assert psnr_100 == pytest.approx(metrics("ddpm")["psnr_t100"], abs=1.0)
 
 
-def test_impurify_reconstructs_as_recorded(data):
-    """The CPU-trained IMPurify is weak (see MODEL_CARD.md): this guards the shipped weights, not a target."""
-    purifier = pretrained.im_purify(pretrained=True, seed=0)
+def test_impurify_keeps_clean_accuracy_as_recorded(data):
+    """The shipped IMPurify on the whole slice, purified as the recipe records it (one generator, seed 0)."""
+    purifier = pretrained.im_purify(pretrained=True)
     classifier = pretrained.fashion_mnist_cnn(pretrained=True)
-    subset = ArrayData(data.images[:300], data.labels[:300])
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        purified = ArrayData(purifier(subset.images), subset.labels)
-    recorded = metrics("impure")["clean_accuracy_after_purification"]
-    assert accuracy(classifier, purified) == pytest.approx(recorded, abs=0.08)
-    assert (purified.images - subset.images).abs().mean() < 0.15
+        purified = torch.cat([purifier.purify(x, generator) for x in data.images.split(500)])
+    recorded = metrics("impure")
+    assert accuracy(classifier, ArrayData(purified, data.labels)) == pytest.approx(
+        recorded["classifier_accuracy_after_purification"], abs=0.01)
+    psnr = (10 * torch.log10(1 / (purified.clamp(0, 1) - data.images).square().flatten(1).mean(1))).mean()
+    assert psnr.item() == pytest.approx(recorded["psnr"], abs=0.1)
+    for name in ("classifier", "check_classifier"):  # the second one: another architecture, unused in training
+        assert recorded[f"{name}_accuracy_after_purification"] >= IMPURIFY_KEEPS[name], name
 
 
 def test_ssni_uses_the_bundled_statistics(data):
