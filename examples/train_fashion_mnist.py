@@ -16,11 +16,14 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
+from torch import nn
 
 from purifytf import DiffPurify, IMPurify, SSNIPurify
 from purifytf.hub import ASSETS, load_backbone_dir, untrained_backbone
@@ -29,7 +32,7 @@ from purifytf.train.classifier import ClassifierTrainer, accuracy
 from purifytf.train.data import ArrayData, read_idx, to_images
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
 from purifytf.train.impure import FeatureLoss, IMPureTrainer, TrainConfig
-from purifytf.train.loop import OptimConfig
+from purifytf.train.loop import STATE_FILE, OptimConfig
 
 PARTS = ("slice", "classifier", "ddpm", "impure", "ssni")
 SLICE_SIZE = 1000
@@ -71,53 +74,131 @@ def train_classifier(args, out: Path) -> None:
 
 
 def train_ddpm(args, out: Path) -> None:
+    """Trains on t uniform in [1, --ddpm-max-t] towards --ddpm-steps (the cosine horizon), possibly over several
+    sittings: --stop ends a sitting early, --checkpoints keeps the resumable state outside the package, and every
+    sitting exports the EMA weights with their metrics (wall time and steps summed over the sittings)."""
     torch.manual_seed(args.seed)
     backbone = untrained_backbone("fashion-mnist").to(args.device)
     config = OptimConfig(steps=args.ddpm_steps, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.0,
-                         betas=(0.9, 0.999), seed=args.seed, checkpoint_every=500)
-    trainer = DDPMTrainer(backbone, fashion_mnist(args.data, "train"), config, ema_decay=0.999)
-    if args.resume and (out / "ddpm" / "training_state.pt").exists():
-        trainer.load(out / "ddpm")
-    start = time.perf_counter()
-    trainer.fit(out / "ddpm")
-    seconds = time.perf_counter() - start
+                         betas=(0.9, 0.999), seed=args.seed, checkpoint_every=250)
+    trainer = DDPMTrainer(backbone, fashion_mnist(args.data, "train"), config, ema_decay=0.999,
+                          max_t=args.ddpm_max_t)
+    work = args.checkpoints or out / "ddpm"
+    if args.resume and (work / STATE_FILE).exists():
+        trainer.load(work)
+    log = work / "sittings.json"
+    sittings = json.loads(log.read_text()) if args.resume and log.exists() else []
+    start_step, start = trainer.step, time.perf_counter()
+    trainer.fit(work, stop=min(args.stop or config.steps, config.steps))
+    if trainer.step > start_step:  # a sitting that only re-exports adds nothing
+        sittings.append({"steps": [start_step, trainer.step], "seconds": round(time.perf_counter() - start, 1),
+                         "threads": torch.get_num_threads(), "device": str(args.device)})
+        log.write_text(json.dumps(sittings, indent=1) + "\n")
+    if work != out / "ddpm":
+        (out / "ddpm").mkdir(parents=True, exist_ok=True)
+        trainer.save_model(out / "ddpm")
+    elif trainer.step == config.steps:
+        (work / STATE_FILE).unlink()
     test = fashion_mnist(args.data, "test").images
     psnr = {f"psnr_t{t}": round(denoising_psnr(trainer.model, test, t, torch.Generator().manual_seed(t)), 2)
-            for t in (100, 200, 400, 600)}
-    (out / "ddpm" / "training_state.pt").unlink()
-    record(out / "ddpm", args.seed, seconds, steps=config.steps, batch_size=config.batch_size, **psnr)
+            for t in (100, 200, 400) if t <= args.ddpm_max_t}
+    record(out / "ddpm", args.seed, sum(s["seconds"] for s in sittings), steps=trainer.step,
+           planned_steps=config.steps, batch_size=config.batch_size, max_t=args.ddpm_max_t,
+           sittings=len(sittings), **psnr)
+
+
+def impure_overrides(args) -> dict:
+    """The shipped network: the tiny preset with noise ranges for 28 x 28 images (see MODEL_CARD.md)."""
+    return {"train_image_t": args.impure_train_image_t, "train_feature_t": args.impure_train_feature_t}
 
 
 def train_impure(args, out: Path) -> None:
+    """Both stages (pixel-loss pre-training, then fine-tuning on PGD/clean pairs with a perceptual loss on the
+    classifier's logits), resumable: each stage checkpoints to ``<checkpoints>/<stage>`` every 200 steps and
+    ``--resume`` continues from there; ``--impure-export`` only exports the latest checkpoint (a partial run)."""
     torch.manual_seed(args.seed)
     data = fashion_mnist(args.data, "train")
-    purifier = IMPurify(preset="tiny", in_channels=1).to(args.device)
+    purifier = IMPurify(preset="tiny", in_channels=1, overrides=impure_overrides(args), image_t=args.impure_image_t,
+                        feature_t=args.impure_feature_t).to(args.device)
+    if args.impure_init:  # continue from earlier weights of the same architecture
+        safetensors.torch.load_model(purifier, args.impure_init / "model.safetensors", strict=True)
     classifier = SmallCNN.from_pretrained(out / "classifier").to(args.device).eval()
-    seconds = 0.0
+    work = args.impure_checkpoints or out / "impure-checkpoints"
+    sittings_file = work / "sittings.json"
+    sittings = json.loads(sittings_file.read_text()) if args.resume and sittings_file.exists() else []
     perceptual = FeatureLoss(classifier, {"": args.impure_perceptual_weight})  # L1 on the classifier's logits
-    stages = (("pretrain", args.impure_pretrain_steps, None), ("finetune", args.impure_finetune_steps, perceptual))
-    for stage, steps, perceptual in stages:
-        config = TrainConfig(stage=stage, steps=steps, batch_size=64, lr=1e-3, warmup_steps=min(100, steps // 10),
-                             seed=args.seed, checkpoint_every=10**9, attack_eps=8 / 255, attack_steps=5)
-        trainer = IMPureTrainer(purifier, data, config, classifier=classifier, perceptual=perceptual)
-        start = time.perf_counter()
-        trainer.fit(out / "impure")
-        seconds += time.perf_counter() - start
-    (out / "impure" / "training_state.pt").unlink()
-    record_impure(args, out, seconds)
+    done = {}
+    for stage, steps, loss in (("pretrain", args.impure_pretrain_steps, None),
+                               ("finetune", args.impure_finetune_steps, perceptual)):
+        config = TrainConfig(stage=stage, steps=steps, batch_size=64, lr=args.impure_lr,
+                             warmup_steps=min(100, steps // 10), seed=args.seed, checkpoint_every=200,
+                             attack_eps=8 / 255, attack_steps=5)
+        trainer = IMPureTrainer(purifier, data, config, classifier=classifier, perceptual=loss)
+        if (args.resume or args.impure_export) and (work / stage / STATE_FILE).exists():
+            trainer.load(work / stage)
+        if not args.impure_export and trainer.step < steps:
+            start_step, start = trainer.step, time.perf_counter()
+            trainer.fit(work / stage)
+            sittings.append({"stage": stage, "steps": [start_step, trainer.step], "threads": torch.get_num_threads(),
+                             "seconds": round(time.perf_counter() - start, 1), "device": str(args.device)})
+            work.mkdir(parents=True, exist_ok=True)
+            sittings_file.write_text(json.dumps(sittings, indent=1) + "\n")
+        done[f"{stage}_steps"] = trainer.step
+        if trainer.step < steps:  # a partial run: export what there is
+            break
+    purifier.save_pretrained(out / "impure")
+    record_impure(args, out, sum(s["seconds"] for s in sittings), sittings=len(sittings), **done,
+                  init=str(args.impure_init) if args.impure_init else None, lr=args.impure_lr,
+                  image_t=args.impure_image_t, feature_t=args.impure_feature_t, overrides=impure_overrides(args))
+    if args.impure_checkpoints is None and done.get("finetune_steps") == args.impure_finetune_steps:
+        shutil.rmtree(work)
 
 
-def record_impure(args, out: Path, seconds: float) -> None:
-    """IMPurify's metrics: the classifier's clean test accuracy after purification."""
+def check_classifier(channels: int = 24) -> nn.Module:
+    """A classifier of another architecture than SmallCNN, used nowhere in training: a small residual network
+    with global average pooling. Input (B, 1, H, W) in [0, 1]; output logits (B, 10)."""
+    def block(c_in, c_out, stride=1):
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    return nn.Sequential(*block(1, channels), Residual(*block(channels, channels)), *block(channels, 2 * channels, 2),
+                         Residual(*block(2 * channels, 2 * channels)), *block(2 * channels, 4 * channels, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * channels, 10))
+
+
+def train_check_classifier(data, seed: int, steps: int) -> nn.Module:
+    """:func:`check_classifier` trained on ``data`` with the classifier recipe (eval mode)."""
+    torch.manual_seed(seed)
+    model = check_classifier()
+    config = OptimConfig(steps=steps, batch_size=128, lr=3e-3, warmup_steps=min(50, steps // 10), weight_decay=0.05,
+                         betas=(0.9, 0.999), seed=seed, checkpoint_every=10**9)
+    ClassifierTrainer(model, data, config).fit(progress=False)
+    return model.eval()
+
+
+def record_impure(args, out: Path, seconds: float, **extra) -> None:
+    """IMPurify's metrics on the bundled test slice: clean accuracy of the bundled classifier and of a classifier
+    of another architecture (:func:`check_classifier`) without and with purification, and PSNR to the clean images."""
     purifier = IMPurify.from_pretrained(out / "impure").to(args.device)
-    classifier = SmallCNN.from_pretrained(out / "classifier").to(args.device).eval()
-    test = fashion_mnist(args.data, "test")
+    classifiers = {"classifier": SmallCNN.from_pretrained(out / "classifier"),
+                   "check_classifier": train_check_classifier(fashion_mnist(args.data, "train"), args.seed,
+                                                              args.check_classifier_steps)}
+    with np.load(out / "test-slice.npz") as arrays:
+        test = ArrayData(to_images(arrays["images"]), arrays["labels"].astype(np.int64))
     generator = torch.Generator(device=args.device).manual_seed(0)
     with torch.no_grad():
         purified = torch.cat([purifier.purify(x.to(args.device), generator).cpu() for x in test.images.split(500)])
-    record(out / "impure", args.seed, seconds, pretrain_steps=args.impure_pretrain_steps,
-           finetune_steps=args.impure_finetune_steps, perceptual_weight=args.impure_perceptual_weight, batch_size=64,
-           clean_accuracy_after_purification=accuracy(classifier, ArrayData(purified, test.labels)))
+    mse = (purified.clamp(0, 1) - test.images).square().flatten(1).mean(1)
+    metrics = {"psnr": round((10 * torch.log10(1 / mse)).mean().item(), 2)}
+    for name, model in classifiers.items():
+        model = model.to(args.device).eval()
+        metrics[f"{name}_clean_accuracy"] = accuracy(model, test)
+        metrics[f"{name}_accuracy_after_purification"] = accuracy(model, ArrayData(purified, test.labels))
+    record(out / "impure", args.seed, seconds, **extra, perceptual_weight=args.impure_perceptual_weight,
+           batch_size=64, check_classifier_steps=args.check_classifier_steps, test_images=len(test), **metrics)
 
 
 def train_ssni(args, out: Path) -> None:
@@ -139,12 +220,26 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--resume", action="store_true", help="continue the ddpm part from its checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue ddpm and impure from their checkpoints")
+    parser.add_argument("--checkpoints", type=Path, help="resumable ddpm state (default: <out>/ddpm)")
+    parser.add_argument("--stop", type=int, help="end this ddpm sitting at this step (resume later with --resume)")
     parser.add_argument("--classifier-steps", type=int, default=2400)
-    parser.add_argument("--ddpm-steps", type=int, default=4000)
-    parser.add_argument("--impure-pretrain-steps", type=int, default=1400)
-    parser.add_argument("--impure-finetune-steps", type=int, default=150)
+    parser.add_argument("--ddpm-steps", type=int, default=12000, help="total steps (the cosine horizon)")
+    parser.add_argument("--ddpm-max-t", type=int, default=400, help="largest training timestep (valid range)")
+    parser.add_argument("--impure-pretrain-steps", type=int, default=500)
+    parser.add_argument("--impure-finetune-steps", type=int, default=40)
     parser.add_argument("--impure-perceptual-weight", type=float, default=0.05)
+    parser.add_argument("--impure-image-t", type=float, default=0.1, help="inference image noise (fraction of T)")
+    parser.add_argument("--impure-feature-t", type=float, default=0.2, help="inference feature noise (fraction of T)")
+    parser.add_argument("--impure-train-image-t", type=float, nargs=2, default=[0.0, 0.3], help="training [lo, hi)")
+    parser.add_argument("--impure-train-feature-t", type=float, nargs=2, default=[0.0, 0.6])
+    parser.add_argument("--impure-lr", type=float, default=5e-4)
+    parser.add_argument("--impure-init", type=Path, help="start from these IMPurify weights (a directory)")
+    parser.add_argument("--impure-checkpoints", type=Path,
+                        help="resumable impure state (default: <out>/impure-checkpoints, removed when done)")
+    parser.add_argument("--impure-export", action="store_true", help="export the latest impure checkpoint, no training")
+    parser.add_argument("--check-classifier-steps", type=int, default=500,
+                        help="steps of the second classifier that checks IMPurify is not tuned to the bundled one")
     parser.add_argument("--ssni-images", type=int, default=2000)
     args = parser.parse_args()
     if args.threads:

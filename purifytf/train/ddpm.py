@@ -22,11 +22,15 @@ __all__ = ["DDPMTrainer", "denoising_psnr"]
 
 
 def _noised(backbone: Backbone, x0: Tensor, generator: torch.Generator | None,
-            t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, t, eps)`` for model-space ``x0`` (B, C, H, W) in [-1, 1]; ``t`` (B,) uniform in [1, T] if not given."""
+            t: Tensor | None = None, max_t: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, t, eps)`` for model-space ``x0`` (B, C, H, W) in [-1, 1]; ``t`` (B,) uniform in [1, max_t] if not given.
+
+    ``max_t`` defaults to the schedule's ``T``.
+    """
     if t is None:
-        t = 1 + (rand_like(x0.new_empty(len(x0)), generator) * backbone.schedule.num_steps).long()
-        t = t.clamp(max=backbone.schedule.num_steps)
+        max_t = backbone.schedule.num_steps if max_t is None else max_t
+        t = 1 + (rand_like(x0.new_empty(len(x0)), generator) * max_t).long()
+        t = t.clamp(max=max_t)
     eps = randn_like(x0, generator)
     return backbone.schedule.q_sample(x0, t, eps), t, eps
 
@@ -39,17 +43,24 @@ class DDPMTrainer(Trainer):
         data: ``(image (C, H, W) in [0, 1], label)`` pairs (labels unused).
         config: :class:`OptimConfig`.
         ema_decay: EMA decay per step (``0``: save the trained weights themselves).
+        max_t: train on schedule steps uniform in ``[1, max_t]`` (default: all ``T``); the network is valid
+            only up to ``max_t``, which the saved config records as ``max_t``.
     """
 
     desc = "ddpm"
 
-    def __init__(self, backbone: Backbone, data: Dataset, config: OptimConfig, ema_decay: float = 0.999):
+    def __init__(self, backbone: Backbone, data: Dataset, config: OptimConfig, ema_decay: float = 0.999,
+                 max_t: int | None = None):
+        num_steps = backbone.schedule.num_steps
+        if max_t is not None and not 1 <= max_t <= num_steps:
+            raise ValueError(f"max_t must be in [1, {num_steps}], got {max_t}")
         ema = copy.deepcopy(backbone).eval().requires_grad_(False)
         super().__init__(ema, backbone, data, config)
         self.ema_decay = ema_decay
+        self.max_t = num_steps if max_t is None else max_t
 
     def losses(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        x_t, t, eps = _noised(self.network, images * 2 - 1, generator)
+        x_t, t, eps = _noised(self.network, images * 2 - 1, generator, max_t=self.max_t)
         return {"mse": F.mse_loss(self.network(x_t, t), eps)}
 
     @torch.no_grad()
@@ -61,6 +72,7 @@ class DDPMTrainer(Trainer):
             average.copy_(live)
 
     def save_model(self, directory: Path) -> None:
+        self.model.max_t = self.max_t  # the trained range travels in config.json
         self.model.save_pretrained(directory)
 
     def extra_state(self) -> dict[str, object]:
