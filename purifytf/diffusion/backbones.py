@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Configurable
+from ..functional import to_model_space
 from .schedule import NoiseSchedule, network_timestep
 
 __all__ = [
@@ -145,7 +146,7 @@ class OracleBackbone(Backbone):
         if references.dim() != 4 or references.shape[0] < 1:
             raise ValueError(f"references must be (N, C, H, W) with N >= 1, got {tuple(references.shape)}")
         super().__init__(references.shape[1], references.shape[-2:], schedule)
-        self.register_buffer("references", references.float() * 2 - 1)
+        self.register_buffer("references", to_model_space(references.float()))
 
     def posterior_mean(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``E[x_0 | x_t]`` (B,C,H,W) in [-1, 1] at step ``t`` (B,)."""

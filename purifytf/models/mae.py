@@ -34,6 +34,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..diffusion.schedule import NoiseSchedule
+from ..functional import to_image_space, to_model_space
 from ..nfe import record_nfe
 from ..random import rand_like, randn_like
 
@@ -259,7 +260,7 @@ class MaskedReconstructor(nn.Module):
         b, _, height, width = x.shape
         h, w = self.grid(height, width)
         p = self.config.patch_size
-        x = F.pad(2 * x - 1, (0, w * p - width, 0, h * p - height), mode="replicate")
+        x = F.pad(to_model_space(x), (0, w * p - width, 0, h * p - height), mode="replicate")
         if train:
             order = random_order(h, w, b, generator, x.device)
             steps = self.schedule.num_steps
@@ -275,4 +276,4 @@ class MaskedReconstructor(nn.Module):
         fill = self.schedule.q_sample(fill, feature_t, noise).unflatten(0, (b, GROUPS))
         pred = self.decode(latents[:b], heads[:b], fill, order, h, w)
         out = self.conv_head(self.unpatchify(pred, h, w))
-        return (out[..., :height, :width] + 1) / 2
+        return to_image_space(out[..., :height, :width])

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..diffusion.backbones import Backbone
+from ..functional import to_model_space
 from ..random import rand_like, randn_like
 from .loop import OptimConfig, Trainer
 
@@ -60,7 +61,7 @@ class DDPMTrainer(Trainer):
         self.max_t = num_steps if max_t is None else max_t
 
     def losses(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        x_t, t, eps = _noised(self.network, images * 2 - 1, generator, max_t=self.max_t)
+        x_t, t, eps = _noised(self.network, to_model_space(images), generator, max_t=self.max_t)
         return {"mse": F.mse_loss(self.network(x_t, t), eps)}
 
     @torch.no_grad()
@@ -90,7 +91,7 @@ def denoising_psnr(backbone: Backbone, images: Tensor, t: int, generator: torch.
     device = backbone.schedule.alphas_cumprod.device
     squared_error = 0.0
     for x in images.split(batch_size):
-        x0 = x.to(device) * 2 - 1
+        x0 = to_model_space(x.to(device))
         steps = torch.full((len(x0),), t, device=x0.device)
         x_t, _, _ = _noised(backbone, x0, generator, steps)
         estimate = backbone.schedule.predict_x0(x_t, steps, backbone(x_t, steps))
