@@ -73,6 +73,24 @@ def train_classifier(args, out: Path) -> None:
            test_accuracy=accuracy(model, fashion_mnist(args.data, "test")))
 
 
+def read_sittings(log: Path, resume: bool) -> list[dict]:
+    """The sittings logged so far in ``log`` (JSON list) when resuming, else none."""
+    return json.loads(log.read_text()) if resume and log.exists() else []
+
+
+def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[dict], device, **labels) -> None:
+    """Trains ``trainer`` to step ``stop``, checkpointing to ``directory``; a sitting that trained logs its steps,
+    seconds and threads in ``sittings`` and writes them to ``log``."""
+    start_step, start = trainer.step, time.perf_counter()
+    trainer.fit(directory, stop=stop)
+    if trainer.step > start_step:  # a sitting that only re-exports adds nothing
+        seconds = round(time.perf_counter() - start, 1)
+        sittings.append({**labels, "steps": [start_step, trainer.step], "seconds": seconds,
+                         "threads": torch.get_num_threads(), "device": str(device)})
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps(sittings, indent=1) + "\n")
+
+
 def train_ddpm(args, out: Path) -> None:
     """Trains on t uniform in [1, --ddpm-max-t] towards --ddpm-steps (the cosine horizon), possibly over several
     sittings: --stop ends a sitting early, --checkpoints keeps the resumable state outside the package, and every
@@ -86,14 +104,9 @@ def train_ddpm(args, out: Path) -> None:
     work = args.checkpoints or out / "ddpm"
     if args.resume and (work / STATE_FILE).exists():
         trainer.load(work)
-    log = work / "sittings.json"
-    sittings = json.loads(log.read_text()) if args.resume and log.exists() else []
-    start_step, start = trainer.step, time.perf_counter()
-    trainer.fit(work, stop=min(args.stop or config.steps, config.steps))
-    if trainer.step > start_step:  # a sitting that only re-exports adds nothing
-        sittings.append({"steps": [start_step, trainer.step], "seconds": round(time.perf_counter() - start, 1),
-                         "threads": torch.get_num_threads(), "device": str(args.device)})
-        log.write_text(json.dumps(sittings, indent=1) + "\n")
+    sittings = read_sittings(work / "sittings.json", args.resume)
+    fit_sitting(trainer, work, min(args.stop or config.steps, config.steps), work / "sittings.json", sittings,
+                args.device)
     if work != out / "ddpm":
         (out / "ddpm").mkdir(parents=True, exist_ok=True)
         trainer.save_model(out / "ddpm")
@@ -124,8 +137,7 @@ def train_impure(args, out: Path) -> None:
         safetensors.torch.load_model(purifier, args.impure_init / "model.safetensors", strict=True)
     classifier = SmallCNN.from_pretrained(out / "classifier").to(args.device).eval()
     work = args.impure_checkpoints or out / "impure-checkpoints"
-    sittings_file = work / "sittings.json"
-    sittings = json.loads(sittings_file.read_text()) if args.resume and sittings_file.exists() else []
+    sittings = read_sittings(work / "sittings.json", args.resume)
     perceptual = FeatureLoss(classifier, {"": args.impure_perceptual_weight})  # L1 on the classifier's logits
     done = {}
     for stage, steps, loss in (("pretrain", args.impure_pretrain_steps, None),
@@ -137,12 +149,7 @@ def train_impure(args, out: Path) -> None:
         if (args.resume or args.impure_export) and (work / stage / STATE_FILE).exists():
             trainer.load(work / stage)
         if not args.impure_export and trainer.step < steps:
-            start_step, start = trainer.step, time.perf_counter()
-            trainer.fit(work / stage)
-            sittings.append({"stage": stage, "steps": [start_step, trainer.step], "threads": torch.get_num_threads(),
-                             "seconds": round(time.perf_counter() - start, 1), "device": str(args.device)})
-            work.mkdir(parents=True, exist_ok=True)
-            sittings_file.write_text(json.dumps(sittings, indent=1) + "\n")
+            fit_sitting(trainer, work / stage, steps, work / "sittings.json", sittings, args.device, stage=stage)
         done[f"{stage}_steps"] = trainer.step
         if trainer.step < steps:  # a partial run: export what there is
             break
