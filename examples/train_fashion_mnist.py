@@ -115,9 +115,11 @@ def train_ddpm(args, out: Path) -> None:
     test = fashion_mnist(args.data, "test").images
     psnr = {f"psnr_t{t}": round(denoising_psnr(trainer.model, test, t, torch.Generator().manual_seed(t)), 2)
             for t in (100, 200, 400) if t <= args.ddpm_max_t}
+    diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)  # the default steps
+    purification = {f"diffpure_{k}": v for k, v in purification_metrics(diffpure, args, out).items()}
     record(out / "ddpm", args.seed, sum(s["seconds"] for s in sittings), steps=trainer.step,
            planned_steps=config.steps, batch_size=config.batch_size, max_t=args.ddpm_max_t,
-           sittings=len(sittings), **psnr)
+           sittings=sittings, **psnr, **purification)
 
 
 def impure_overrides(args) -> dict:
@@ -154,7 +156,7 @@ def train_impure(args, out: Path) -> None:
         if trainer.step < steps:  # a partial run: export what there is
             break
     purifier.save_pretrained(out / "impure")
-    record_impure(args, out, sum(s["seconds"] for s in sittings), sittings=len(sittings), **done,
+    record_impure(args, out, sum(s["seconds"] for s in sittings), sittings=sittings, **done,
                   init=str(args.impure_init) if args.impure_init else None, lr=args.impure_lr,
                   image_t=args.impure_image_t, feature_t=args.impure_feature_t, overrides=impure_overrides(args))
     if args.impure_checkpoints is None and done.get("finetune_steps") == args.impure_finetune_steps:
@@ -186,26 +188,34 @@ def train_check_classifier(data, seed: int, steps: int) -> nn.Module:
     return model.eval()
 
 
-def record_impure(args, out: Path, seconds: float, **extra) -> None:
-    """IMPurify's metrics on the bundled test slice: clean accuracy of the bundled classifier and of a classifier
-    of another architecture (:func:`check_classifier`) without and with purification, and PSNR to the clean images."""
-    purifier = IMPurify.from_pretrained(out / "impure").to(args.device)
+def purification_metrics(purifier: nn.Module, args, out: Path) -> dict:
+    """``purifier``'s metrics on the bundled test slice (seed 0): mean PSNR of its output to the clean images, and
+    the clean accuracy of the bundled classifier and of a classifier of another architecture (:func:`check_classifier`,
+    used nowhere in training) without and with purification."""
     classifiers = {"classifier": SmallCNN.from_pretrained(out / "classifier"),
                    "check_classifier": train_check_classifier(fashion_mnist(args.data, "train"), args.seed,
                                                               args.check_classifier_steps)}
     with np.load(out / "test-slice.npz") as arrays:
-        test = ArrayData(to_images(arrays["images"]), arrays["labels"].astype(np.int64))
+        n = args.metric_images
+        test = ArrayData(to_images(arrays["images"][:n]), arrays["labels"][:n].astype(np.int64))
     generator = torch.Generator(device=args.device).manual_seed(0)
     with torch.no_grad():
         purified = torch.cat([purifier.purify(x.to(args.device), generator).cpu() for x in test.images.split(500)])
     mse = (purified.clamp(0, 1) - test.images).square().flatten(1).mean(1)
-    metrics = {"psnr": round((10 * torch.log10(1 / mse)).mean().item(), 2)}
+    metrics = {"test_images": len(test), "check_classifier_steps": args.check_classifier_steps,
+               "psnr": round((10 * torch.log10(1 / mse)).mean().item(), 2)}
     for name, model in classifiers.items():
         model = model.to(args.device).eval()
         metrics[f"{name}_clean_accuracy"] = accuracy(model, test)
         metrics[f"{name}_accuracy_after_purification"] = accuracy(model, ArrayData(purified, test.labels))
+    return metrics
+
+
+def record_impure(args, out: Path, seconds: float, **extra) -> None:
+    """IMPurify's training record with its :func:`purification_metrics`."""
+    metrics = purification_metrics(IMPurify.from_pretrained(out / "impure").to(args.device), args, out)
     record(out / "impure", args.seed, seconds, **extra, perceptual_weight=args.impure_perceptual_weight,
-           batch_size=64, check_classifier_steps=args.check_classifier_steps, test_images=len(test), **metrics)
+           batch_size=64, **metrics)
 
 
 def train_ssni(args, out: Path) -> None:
@@ -247,6 +257,8 @@ def main() -> None:
     parser.add_argument("--impure-export", action="store_true", help="export the latest impure checkpoint, no training")
     parser.add_argument("--check-classifier-steps", type=int, default=500,
                         help="steps of the second classifier that checks IMPurify is not tuned to the bundled one")
+    parser.add_argument("--metric-images", type=int, default=SLICE_SIZE,
+                        help="test-slice images for the purification metrics (all by default)")
     parser.add_argument("--ssni-images", type=int, default=2000)
     args = parser.parse_args()
     if args.threads:

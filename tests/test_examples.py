@@ -41,7 +41,7 @@ def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
     out = tmp_path / "zoo"
     argv = ["train_fashion_mnist.py", "--data", str(tmp_path), "--out", str(out), "--classifier-steps", "2",
             "--ddpm-steps", "2", "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1",
-            "--check-classifier-steps", "2", "--ssni-images", "8"]
+            "--check-classifier-steps", "2", "--metric-images", "4", "--ssni-images", "8"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(RECIPE), run_name="__main__")
     with np.load(out / "test-slice.npz") as arrays:
@@ -50,6 +50,8 @@ def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
         recorded = json.loads((out / part / "metrics.json").read_text())
         assert recorded["seed"] == 0 and recorded["seconds"] >= 0, part
         assert not (out / part / "training_state.pt").exists()
-    assert {"psnr_t100", "psnr_t200"} <= set(json.loads((out / "ddpm" / "metrics.json").read_text()))
+    ddpm = json.loads((out / "ddpm" / "metrics.json").read_text())
+    assert {"psnr_t100", "psnr_t200", "diffpure_classifier_accuracy_after_purification"} <= set(ddpm)
+    assert ddpm["diffpure_test_images"] == 4 and ddpm["max_t"] == 400 and len(ddpm["sittings"]) == 1
     stats = json.loads((out / "ssni" / "stats.json").read_text())
     assert stats["count"] == 8 and stats["eps_steps"] == 20
