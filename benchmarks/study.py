@@ -11,8 +11,9 @@ the per-image minimum). Each method is compared, image by image, with the DiffPu
 sampler: difference in robust and clean accuracy, Newcombe's paired 95 % interval and the exact McNemar
 p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with sign steps of
 ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2`` and
-Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture (an
-all-convolutional net no purifier setting was tuned on) is trained once, reproducibly, into ``--cache``.
+Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
+held-out ``AllConvNet`` no purifier setting was tuned on (:func:`purifytf.train.classifier.train_heldout_classifier`,
+the same one the training recipe checks its purifiers with), is trained once, reproducibly, into ``--cache``.
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
@@ -46,9 +47,10 @@ from purifytf.evaluation import evaluate, load_dataset, load_records
 from purifytf.evaluation.stats import paired_comparison, wilson_interval
 from purifytf.nfe import count_nfe
 from purifytf.saliency import find_stages
+from purifytf.train.classifier import heldout_cache, train_heldout_classifier
+from purifytf.train.data import FASHION_MNIST_IDX, fashion_mnist
 
 RESULTS = Path(__file__).parent / "results"
-FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")
 
 THREATS: dict[str, dict[str, Any]] = {
     "linf": {"title": "Linf 8/255", "attacks": "pgd-eot-linf,autoattack-rand", "norm": "Linf"},
@@ -154,48 +156,6 @@ def make_purifier(variant: str | None, classifier: nn.Module, **settings: Any) -
     if "saliency" in variant:
         settings["classifier"] = classifier
     return create_purifier(variant, pretrained=True, **settings)
-
-
-def all_conv_net() -> nn.Module:
-    """The second classifier: all-convolutional (strided 3x3 convs, global average pooling; 0.29M parameters),
-    unlike the bundled SmallCNN (max pooling, dense head). Input (B, 1, 28, 28) in [0, 1]; logits (B, 10)."""
-    def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-    return nn.Sequential(block(1, 32, 1), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2), block(128, 128, 1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
-
-
-def second_classifier(cache: Path, data: Path = FASHION_MNIST_IDX, steps: int = 1500, seed: int = 0) -> nn.Module:
-    """:func:`all_conv_net` trained by the project's classifier recipe on the Fashion-MNIST training set
-    (IDX files in ``data``), cached in ``cache`` (``model.safetensors`` + ``metrics.json``); eval mode."""
-    import safetensors.torch
-
-    from purifytf.train.classifier import ClassifierTrainer, accuracy
-    from purifytf.train.data import ArrayData, read_idx, to_images
-    from purifytf.train.loop import OptimConfig
-
-    torch.manual_seed(seed)
-    model = all_conv_net()
-    weights = cache / "model.safetensors"
-    if weights.exists():
-        safetensors.torch.load_model(model, weights)
-        return model.eval()
-
-    def split(prefix: str) -> ArrayData:
-        return ArrayData(to_images(read_idx(data / f"{prefix}-images-idx3-ubyte.gz")),
-                         read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype("int64"))
-
-    config = OptimConfig(steps=steps, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.05,
-                         betas=(0.9, 0.999), seed=seed, checkpoint_every=10**9)
-    start = time.perf_counter()
-    ClassifierTrainer(model, split("train"), config).fit(None)
-    cache.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_model(model, weights)
-    metrics = {"architecture": "all_conv_net", "seed": seed, "steps": steps, "batch_size": 128,
-               "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
-               "test_accuracy": accuracy(model, split("t10k"))}
-    (cache / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return model.eval()
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -385,13 +345,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", nargs="*", choices=[r.name for r in ROWS], metavar="ROW",
                         help="only these rows (names of ROWS; default: all)")
     parser.add_argument("--threats", nargs="+", default=list(THREATS), choices=list(THREATS))
-    parser.add_argument("--classifiers", nargs="+", default=["cnn", "allconv"], choices=["cnn", "allconv"])
+    parser.add_argument("--classifiers", nargs="+", default=["cnn", "heldout"], choices=["cnn", "heldout"])
     parser.add_argument("--convergence", action="store_true", help="also run steps and EOT doubled on a subset")
     parser.add_argument("--convergence-images", type=int, default=128)
     parser.add_argument("--records", type=Path, default=RESULTS / "study")
     parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "purifytf" / "study" / "allconv")
-    parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX, help="Fashion-MNIST IDX files (2nd classifier)")
+    parser.add_argument("--cache", type=Path, default=heldout_cache(), help="the held-out classifier's folder")
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX,
+                        help="Fashion-MNIST IDX files (to train the held-out classifier)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
@@ -402,13 +363,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [r for r in ROWS if not args.rows or r.name in args.rows]
     device = torch.device(args.device)
     classifiers = {"cnn": fashion_mnist_cnn(pretrained=True)}
-    if "allconv" in args.classifiers:
-        classifiers["allconv"] = second_classifier(args.cache, args.data)
+    if "heldout" in args.classifiers:
+        classifiers["heldout"] = train_heldout_classifier(fashion_mnist(args.data, "train"),
+                                                          fashion_mnist(args.data, "test"), cache=args.cache)
     classifiers = {k: v.to(device) for k, v in classifiers.items() if k in args.classifiers}
     dataset = load_dataset("bundled:fashion-mnist")
     start = time.perf_counter()
     study = run_study(rows, classifiers, args.threats, dataset, budget, args.records,
-                      {"allconv": SECOND_CLASSIFIER_ROWS}, progress=not args.no_progress)
+                      {"heldout": SECOND_CLASSIFIER_ROWS}, progress=not args.no_progress)
     if args.convergence:
         chosen = [r for r in rows if r.name in CONVERGENCE_ROWS]
         study["convergence"] = [c for t in args.threats for c in convergence(
@@ -418,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
               "minutes_this_sitting": (time.perf_counter() - start) / 60,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}, {args.device}",
-              "records": str(args.records), "second_classifier": _metrics(args.cache)}
+              "records": str(args.records), "heldout_classifier": _metrics(args.cache)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(study, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(markdown(study))

@@ -28,21 +28,14 @@ from torch import nn
 from purifytf import DiffPurify, IMPurify, SSNIPurify
 from purifytf.hub import ASSETS, load_backbone_dir, untrained_backbone
 from purifytf.models import SmallCNN
-from purifytf.train.classifier import ClassifierTrainer, accuracy
-from purifytf.train.data import ArrayData, read_idx, to_images
+from purifytf.train.classifier import ClassifierTrainer, accuracy, heldout_cache, train_heldout_classifier
+from purifytf.train.data import ArrayData, fashion_mnist, read_idx, to_images
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
 from purifytf.train.impure import FeatureLoss, IMPureTrainer, TrainConfig
 from purifytf.train.loop import STATE_FILE, OptimConfig
 
 PARTS = ("slice", "classifier", "ddpm", "impure", "ssni")
 SLICE_SIZE = 1000
-
-
-def fashion_mnist(root: Path, split: str) -> ArrayData:
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
-    return ArrayData(to_images(images), labels.astype(np.int64))
 
 
 def record(directory: Path, seed: int, seconds: float, **metrics) -> None:
@@ -92,15 +85,16 @@ def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[d
 
 
 def train_ddpm(args, out: Path) -> None:
-    """Trains on t uniform in [1, --ddpm-max-t] towards --ddpm-steps (the cosine horizon), possibly over several
-    sittings: --stop ends a sitting early, --checkpoints keeps the resumable state outside the package, and every
-    sitting exports the EMA weights with their metrics (wall time and steps summed over the sittings)."""
+    """Trains on t in [1, --ddpm-max-t] (uniform, or towards small t with --ddpm-t-power) towards --ddpm-steps (the
+    cosine horizon), possibly over several sittings: --stop ends a sitting early, --checkpoints keeps the resumable
+    state outside the package, and every sitting exports the EMA weights with their metrics (wall time and steps
+    summed over the sittings; PSNR on the full test set; DiffPurify's effect on two classifiers' clean accuracy)."""
     torch.manual_seed(args.seed)
     backbone = untrained_backbone("fashion-mnist").to(args.device)
     config = OptimConfig(steps=args.ddpm_steps, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.0,
                          betas=(0.9, 0.999), seed=args.seed, checkpoint_every=250)
     trainer = DDPMTrainer(backbone, fashion_mnist(args.data, "train"), config, ema_decay=0.999,
-                          max_t=args.ddpm_max_t)
+                          max_t=args.ddpm_max_t, t_power=args.ddpm_t_power)
     work = args.checkpoints or out / "ddpm"
     if args.resume and (work / STATE_FILE).exists():
         trainer.load(work)
@@ -118,7 +112,7 @@ def train_ddpm(args, out: Path) -> None:
     diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)  # the default steps
     purification = {f"diffpure_{k}": v for k, v in purification_metrics(diffpure, args, out).items()}
     record(out / "ddpm", args.seed, sum(s["seconds"] for s in sittings), steps=trainer.step,
-           planned_steps=config.steps, batch_size=config.batch_size, max_t=args.ddpm_max_t,
+           planned_steps=config.steps, batch_size=config.batch_size, max_t=args.ddpm_max_t, t_power=args.ddpm_t_power,
            sittings=sittings, **psnr, **purification)
 
 
@@ -163,38 +157,15 @@ def train_impure(args, out: Path) -> None:
         shutil.rmtree(work)
 
 
-def check_classifier(channels: int = 24) -> nn.Module:
-    """A classifier of another architecture than SmallCNN, used nowhere in training: a small residual network
-    with global average pooling. Input (B, 1, H, W) in [0, 1]; output logits (B, 10)."""
-    def block(c_in, c_out, stride=1):
-        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-    class Residual(nn.Sequential):
-        def forward(self, x):
-            return x + super().forward(x)
-
-    return nn.Sequential(*block(1, channels), Residual(*block(channels, channels)), *block(channels, 2 * channels, 2),
-                         Residual(*block(2 * channels, 2 * channels)), *block(2 * channels, 4 * channels, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * channels, 10))
-
-
-def train_check_classifier(data, seed: int, steps: int) -> nn.Module:
-    """:func:`check_classifier` trained on ``data`` with the classifier recipe (eval mode)."""
-    torch.manual_seed(seed)
-    model = check_classifier()
-    config = OptimConfig(steps=steps, batch_size=128, lr=3e-3, warmup_steps=min(50, steps // 10), weight_decay=0.05,
-                         betas=(0.9, 0.999), seed=seed, checkpoint_every=10**9)
-    ClassifierTrainer(model, data, config).fit(progress=False)
-    return model.eval()
-
-
 def purification_metrics(purifier: nn.Module, args, out: Path) -> dict:
     """``purifier``'s metrics on the bundled test slice (seed 0): mean PSNR of its output to the clean images, and
-    the clean accuracy of the bundled classifier and of a classifier of another architecture (:func:`check_classifier`,
-    used nowhere in training) without and with purification."""
-    classifiers = {"classifier": SmallCNN.from_pretrained(out / "classifier"),
-                   "check_classifier": train_check_classifier(fashion_mnist(args.data, "train"), args.seed,
-                                                              args.check_classifier_steps)}
+    the clean accuracy of the bundled classifier and of the held-out classifier (another architecture, used
+    nowhere in training: :func:`~purifytf.train.classifier.train_heldout_classifier`) without and with
+    purification."""
+    heldout = train_heldout_classifier(fashion_mnist(args.data, "train"), fashion_mnist(args.data, "test"),
+                                       args.heldout_steps, args.seed,
+                                       args.heldout_cache or heldout_cache(args.heldout_steps, args.seed))
+    classifiers = {"classifier": SmallCNN.from_pretrained(out / "classifier"), "heldout_classifier": heldout}
     with np.load(out / "test-slice.npz") as arrays:
         n = args.metric_images
         test = ArrayData(to_images(arrays["images"][:n]), arrays["labels"][:n].astype(np.int64))
@@ -202,7 +173,7 @@ def purification_metrics(purifier: nn.Module, args, out: Path) -> dict:
     with torch.no_grad():
         purified = torch.cat([purifier.purify(x.to(args.device), generator).cpu() for x in test.images.split(500)])
     mse = (purified.clamp(0, 1) - test.images).square().flatten(1).mean(1)
-    metrics = {"test_images": len(test), "check_classifier_steps": args.check_classifier_steps,
+    metrics = {"test_images": len(test), "heldout_classifier": f"AllConvNet, {args.heldout_steps} steps",
                "psnr": round((10 * torch.log10(1 / mse)).mean().item(), 2)}
     for name, model in classifiers.items():
         model = model.to(args.device).eval()
@@ -243,6 +214,8 @@ def main() -> None:
     parser.add_argument("--classifier-steps", type=int, default=2400)
     parser.add_argument("--ddpm-steps", type=int, default=12000, help="total steps (the cosine horizon)")
     parser.add_argument("--ddpm-max-t", type=int, default=400, help="largest training timestep (valid range)")
+    parser.add_argument("--ddpm-t-power", type=float, default=1.0,
+                        help="timestep distribution: t = 1 + floor(u ** P * max_t); 1 uniform, > 1 towards small t")
     parser.add_argument("--impure-pretrain-steps", type=int, default=500)
     parser.add_argument("--impure-finetune-steps", type=int, default=40)
     parser.add_argument("--impure-perceptual-weight", type=float, default=0.05)
@@ -255,8 +228,9 @@ def main() -> None:
     parser.add_argument("--impure-checkpoints", type=Path,
                         help="resumable impure state (default: <out>/impure-checkpoints, removed when done)")
     parser.add_argument("--impure-export", action="store_true", help="export the latest impure checkpoint, no training")
-    parser.add_argument("--check-classifier-steps", type=int, default=500,
-                        help="steps of the second classifier that checks IMPurify is not tuned to the bundled one")
+    parser.add_argument("--heldout-steps", type=int, default=1500,
+                        help="training steps of the held-out classifier (AllConvNet) that checks the purifiers")
+    parser.add_argument("--heldout-cache", type=Path, help="its cache folder (default: ~/.cache/purifytf/heldout/...)")
     parser.add_argument("--metric-images", type=int, default=SLICE_SIZE,
                         help="test-slice images for the purification metrics (all by default)")
     parser.add_argument("--ssni-images", type=int, default=2000)

@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-__all__ = ["ArrayData", "ImageFolderData", "NO_LABEL", "load_array", "open_data", "read_idx", "to_images",
-           "torchvision_dataset"]
+__all__ = ["ArrayData", "FASHION_MNIST_IDX", "ImageFolderData", "NO_LABEL", "fashion_mnist", "load_array", "open_data",
+           "read_idx", "to_images", "torchvision_dataset"]
 
 NO_LABEL = -1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -48,6 +48,20 @@ def read_idx(path: str | Path) -> np.ndarray:
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+def fashion_mnist(root: str | Path = FASHION_MNIST_IDX, split: str = "train") -> ArrayData:
+    """The Fashion-MNIST ``split`` (``"train"``: 60,000 images, ``"test"``: 10,000) from the four IDX files in
+    ``root``: images (N, 1, 28, 28) in [0, 1], int64 labels."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    root = Path(root)
+    return ArrayData(to_images(read_idx(root / f"{prefix}-images-idx3-ubyte.gz")),
+                     read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
 
 
 def load_array(path: str | Path) -> np.ndarray:

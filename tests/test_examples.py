@@ -41,7 +41,8 @@ def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
     out = tmp_path / "zoo"
     argv = ["train_fashion_mnist.py", "--data", str(tmp_path), "--out", str(out), "--classifier-steps", "2",
             "--ddpm-steps", "2", "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1",
-            "--check-classifier-steps", "2", "--metric-images", "4", "--ssni-images", "8"]
+            "--heldout-steps", "2", "--heldout-cache", str(tmp_path / "heldout"), "--metric-images", "4",
+            "--ssni-images", "8"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(RECIPE), run_name="__main__")
     with np.load(out / "test-slice.npz") as arrays:

@@ -1,17 +1,22 @@
 """The classifier and DDPM recipes (the embedded default's) on the shared training loop."""
 
+import gzip
 import json
+import struct
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from torch import nn
 
 from purifytf.diffusion import OracleBackbone
 from purifytf.diffusion.backbones import build_backbone
 from purifytf.models import SmallCNN
 from purifytf.train import ArrayData
-from purifytf.train.classifier import ClassifierTrainer, accuracy, augment
-from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
+from purifytf.train.classifier import ClassifierTrainer, accuracy, augment, train_heldout_classifier
+from purifytf.train.data import fashion_mnist
+from purifytf.train.ddpm import DDPMTrainer, _noised, denoising_psnr
 from purifytf.train.loop import OptimConfig
 
 TINY_UNET = {"kind": "diffusers_unet2d", "schedule": {"kind": "linear", "num_steps": 100},
@@ -97,3 +102,50 @@ def test_denoising_psnr_of_the_exact_denoiser():
     assert denoising_psnr(oracle, x, 900, gen()) < high
     with pytest.raises(RuntimeError):
         denoising_psnr(oracle, images(4, size=6), 20, gen())  # the oracle's references are 8x8
+
+
+def test_heldout_classifier_is_trained_reproducibly_and_cached(tmp_path):
+    rng = np.random.default_rng(0)
+    train = ArrayData(torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+                      rng.integers(0, 10, 128))
+    test = ArrayData(torch.rand(16, 1, 28, 28), rng.integers(0, 10, 16))
+    first = train_heldout_classifier(train, test, steps=2, cache=tmp_path / "a")
+    again = train_heldout_classifier(train, test, steps=2, cache=tmp_path / "b")
+    cached = train_heldout_classifier(ArrayData(torch.rand(1, 1, 28, 28), np.zeros(1, np.int64)), steps=2,
+                                      cache=tmp_path / "a")  # loads, does not train
+    for other in (again, cached):
+        assert not other.training
+        for p, q in zip(first.state_dict().values(), other.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["architecture"] == "AllConvNet" and 0 <= metrics["test_accuracy"] <= 1
+    assert first(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in first.modules())  # another architecture than SmallCNN
+
+
+def test_fashion_mnist_reads_the_idx_files(tmp_path):
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        header = struct.pack(">HBB", 0, 8, 3) + struct.pack(">3I", n, 28, 28)
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(header + np.full((n, 28, 28), 255, np.uint8).tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + bytes(range(n)))
+    test = fashion_mnist(tmp_path, "test")
+    assert len(test) == 4 and test.images.shape == (4, 1, 28, 28) and test.images.max() == 1.0
+    assert test.labels.tolist() == [0, 1, 2, 3] and len(fashion_mnist(tmp_path, "train")) == 6
+    with pytest.raises(ValueError, match="split"):
+        fashion_mnist(tmp_path, "val")
+
+
+@pytest.mark.parametrize("t_power", [1.0, 2.0])
+def test_ddpm_timesteps_follow_the_chosen_distribution(t_power):
+    """t = 1 + floor(u ** t_power * max_t): uniform on [1, max_t] for 1, P(t <= s) = (s / max_t) ** (1 / p) else."""
+    backbone = build_backbone(TINY_UNET)
+    x0 = torch.zeros(20000, 1, 1, 1)
+    _, t, _ = _noised(backbone, x0, gen(), max_t=40, t_power=t_power)
+    assert t.min() == 1 and t.max() == 40
+    for s in (10, 20, 30):
+        assert (t <= s).float().mean().item() == pytest.approx((s / 40) ** (1 / t_power), abs=0.015)
+    with pytest.raises(ValueError, match="t_power"):
+        DDPMTrainer(backbone, ArrayData(images(4), torch.zeros(4, dtype=torch.long)), OptimConfig(steps=1),
+                    t_power=0)

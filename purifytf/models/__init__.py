@@ -1,6 +1,6 @@
 """Networks trained by purifytf (as opposed to the pretrained backbones it wraps)."""
 
-from .classifiers import SmallCNN
+from .classifiers import AllConvNet, SmallCNN
 from .mae import MAE_PRESETS, MAEConfig, MaskedReconstructor, build_reconstructor
 
-__all__ = ["MAE_PRESETS", "MAEConfig", "MaskedReconstructor", "SmallCNN", "build_reconstructor"]
+__all__ = ["AllConvNet", "MAE_PRESETS", "MAEConfig", "MaskedReconstructor", "SmallCNN", "build_reconstructor"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN"]
+__all__ = ["AllConvNet", "SmallCNN"]
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
@@ -38,3 +39,28 @@ class SmallCNN(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.stage2(self.stage1(x * 2 - 1)))
+
+
+class AllConvNet(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
+                 tags=["image-classification", "purifytf"]):
+    """All-convolutional: conv3x3-BN-ReLU layers (the 2nd and 4th of stride 2), global average pooling, one
+    linear layer; no max pooling, no dense hidden layer. The held-out architecture: it checks that a purifier
+    is not tuned to :class:`SmallCNN` (see :func:`purifytf.train.classifier.train_heldout_classifier`).
+
+    Args:
+        in_channels: image channels.
+        num_classes: logits.
+        widths: channels of the five layers.
+
+    Input (B, in_channels, H, W) in [0, 1] (any size); output logits (B, num_classes).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 64, 128, 128)):
+        super().__init__()
+        strides = [2 if i in (1, 3) else 1 for i in range(len(widths))]
+        self.features = nn.Sequential(*(_conv_block(c_in, c_out, stride) for c_in, c_out, stride
+                                        in zip([in_channels, *widths[:-1]], widths, strides, strict=True)))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..models import AllConvNet
 from ..random import rand_like
 from .loop import OptimConfig, Trainer
 
-__all__ = ["ClassifierTrainer", "accuracy", "augment"]
+__all__ = ["ClassifierTrainer", "accuracy", "augment", "heldout_cache", "train_heldout_classifier"]
 
 
 def augment(x: Tensor, generator: torch.Generator | None, shift: int = 2, flip: bool = True) -> Tensor:
@@ -54,3 +59,31 @@ class ClassifierTrainer(Trainer):
     def losses(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         logits = self.network(augment(images, generator, self.shift, self.flip))
         return {"ce": F.cross_entropy(logits, labels)}
+
+
+def heldout_cache(steps: int = 1500, seed: int = 0) -> Path:
+    """Where :func:`train_heldout_classifier` keeps its network (``~/.cache/purifytf/heldout/allconv-STEPS-SEED``)."""
+    return Path.home() / ".cache" / "purifytf" / "heldout" / f"allconv-{steps}-{seed}"
+
+
+def train_heldout_classifier(train: Dataset, test: Dataset | None = None, steps: int = 1500, seed: int = 0,
+                             cache: Path | None = None) -> AllConvNet:
+    """The held-out classifier: an :class:`~purifytf.models.AllConvNet` trained by this module's recipe (AdamW
+    lr 2e-3, 100 warm-up steps, batch 128, seed ``seed``) on ``train``, used by no purifier's training or tuning.
+    With ``cache`` (e.g. :func:`heldout_cache`) it is saved there with ``metrics.json`` (accuracy on ``test``,
+    seconds) and loaded from there on later calls. Eval mode."""
+    if cache is not None and (cache / "model.safetensors").exists():
+        return AllConvNet.from_pretrained(cache).eval()
+    torch.manual_seed(seed)
+    model = AllConvNet(in_channels=train[0][0].shape[0])
+    config = OptimConfig(steps=steps, batch_size=128, lr=2e-3, warmup_steps=min(100, steps // 10), weight_decay=0.05,
+                         betas=(0.9, 0.999), seed=seed, checkpoint_every=10**9)
+    start = time.perf_counter()
+    ClassifierTrainer(model, train, config).fit(None, progress=False)
+    if cache is not None:
+        model.save_pretrained(cache)
+        metrics = {"architecture": "AllConvNet", "seed": seed, "steps": steps, "batch_size": 128,
+                   "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
+                   "test_accuracy": accuracy(model, test) if test is not None else None}
+        (cache / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return model.eval()

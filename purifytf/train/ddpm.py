@@ -22,16 +22,16 @@ from .loop import OptimConfig, Trainer
 __all__ = ["DDPMTrainer", "denoising_psnr"]
 
 
-def _noised(backbone: Backbone, x0: Tensor, generator: torch.Generator | None,
-            t: Tensor | None = None, max_t: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, t, eps)`` for model-space ``x0`` (B, C, H, W) in [-1, 1]; ``t`` (B,) uniform in [1, max_t] if not given.
-
-    ``max_t`` defaults to the schedule's ``T``.
+def _noised(backbone: Backbone, x0: Tensor, generator: torch.Generator | None, t: Tensor | None = None,
+            max_t: int | None = None, t_power: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, t, eps)`` for model-space ``x0`` (B, C, H, W) in [-1, 1]; ``t`` (B,) if not given: ``1 + floor(u **
+    t_power * max_t)``, u uniform in [0, 1) (``t_power`` 1: uniform on [1, max_t]; above 1: weighted towards small t,
+    P(t <= s) = (s / max_t) ** (1 / t_power)). ``max_t`` defaults to the schedule's ``T``.
     """
     if t is None:
         max_t = backbone.schedule.num_steps if max_t is None else max_t
-        t = 1 + (rand_like(x0.new_empty(len(x0)), generator) * max_t).long()
-        t = t.clamp(max=max_t)
+        u = rand_like(x0.new_empty(len(x0)), generator)
+        t = (1 + (u.pow(t_power) * max_t).long()).clamp(max=max_t)
     eps = randn_like(x0, generator)
     return backbone.schedule.q_sample(x0, t, eps), t, eps
 
@@ -44,24 +44,29 @@ class DDPMTrainer(Trainer):
         data: ``(image (C, H, W) in [0, 1], label)`` pairs (labels unused).
         config: :class:`OptimConfig`.
         ema_decay: EMA decay per step (``0``: save the trained weights themselves).
-        max_t: train on schedule steps uniform in ``[1, max_t]`` (default: all ``T``); the network is valid
-            only up to ``max_t``, which the saved config records as ``max_t``.
+        max_t: train on schedule steps in ``[1, max_t]`` (default: all ``T``); the network is valid only up
+            to ``max_t``, which the saved config records as ``max_t``.
+        t_power: the timestep distribution on ``[1, max_t]``: 1 uniform, above 1 weighted towards small t
+            (``t = 1 + floor(u ** t_power * max_t)``; 2 puts half the steps below ``max_t / 4``).
     """
 
     desc = "ddpm"
 
     def __init__(self, backbone: Backbone, data: Dataset, config: OptimConfig, ema_decay: float = 0.999,
-                 max_t: int | None = None):
+                 max_t: int | None = None, t_power: float = 1.0):
         num_steps = backbone.schedule.num_steps
         if max_t is not None and not 1 <= max_t <= num_steps:
             raise ValueError(f"max_t must be in [1, {num_steps}], got {max_t}")
+        if t_power <= 0:
+            raise ValueError(f"t_power must be positive, got {t_power}")
         ema = copy.deepcopy(backbone).eval().requires_grad_(False)
         super().__init__(ema, backbone, data, config)
         self.ema_decay = ema_decay
         self.max_t = num_steps if max_t is None else max_t
+        self.t_power = t_power
 
     def losses(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        x_t, t, eps = _noised(self.network, to_model_space(images), generator, max_t=self.max_t)
+        x_t, t, eps = _noised(self.network, to_model_space(images), generator, max_t=self.max_t, t_power=self.t_power)
         return {"mse": F.mse_loss(self.network(x_t, t), eps)}
 
     @torch.no_grad()
