@@ -33,6 +33,11 @@ RESULTS = Path(__file__).parent / "results"
 THREATS = {"linf-8": ("Linf", 8 / 255), "linf-16": ("Linf", 16 / 255), "l2-0.5": ("L2", 0.5)}
 
 
+def chosen(key: str, name: str) -> bool:
+    """``--defences`` matching: an exact table name picks only that defence, other text every name containing it."""
+    return name == key if key in defence_table() else key in name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
@@ -40,7 +45,8 @@ def main() -> None:
     parser.add_argument("--eot", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5, help="purifications in the majority vote")
     parser.add_argument("--threats", nargs="+", default=["linf-8"], choices=sorted(THREATS))
-    parser.add_argument("--defences", nargs="*", help="only defences whose name contains one of these")
+    parser.add_argument("--defences", nargs="*",
+                        help="only these defences: a table name picks that one, other text every name containing it")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="fashion-mnist")
@@ -59,7 +65,7 @@ def main() -> None:
                "rows": []}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"robustness-{args.tag}.json"
-    names = [name for name in defence_table() if not args.defences or any(key in name for key in args.defences)]
+    names = [name for name in defence_table() if not args.defences or any(chosen(key, name) for key in args.defences)]
     for name in names:
         purifier = default_defences([name], classifier=classifier)[name]
         defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier, runs=args.runs,
