@@ -28,7 +28,7 @@ __all__ = ["add_arguments", "build_defences", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=200, help="test images (of the 1,000 bundled)")
+    parser.add_argument("--images", type=int, default=100, help="test images (of the 1,000 bundled)")
     parser.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius (images in [0, 1])")
     parser.add_argument("--steps", type=int, default=5, help="PGD iterations")
     parser.add_argument("--eot", type=int, default=1, help="purifications averaged per gradient (EOT)")
