@@ -431,6 +431,6 @@ register_weights(Weights(
                 "ssni_stats": "fashion-mnist/ssni/stats.json", "test_slice": "fashion-mnist/test-slice.npz"},
     purifier_kwargs={"t_star": 0.1},
     card={"datasets": ["zalando-datasets/fashion_mnist"], "license": "apache-2.0",
-          "description": "purifytf's embedded default: eps-prediction DDPM UNet (0.64M parameters), Fashion-MNIST "
-                         "28x28 grey, linear schedule, trained by examples/train_fashion_mnist.py"},
+          "description": "purifytf's embedded default: eps-prediction DDPM UNet (0.99M parameters), Fashion-MNIST "
+                         "28x28 grey, linear schedule, trained on t <= 400 by examples/train_fashion_mnist.py"},
 ))
