@@ -16,10 +16,10 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import seconds
 
 from purifytf import DiffPurify
 from purifytf.diffusion.backbones import build_backbone
@@ -27,16 +27,6 @@ from purifytf.hub import untrained_backbone
 
 HERE = Path(__file__).parent
 PREVIOUS = HERE / "configs" / "fashion-mnist-ddpm-0.64M.json"  # the embedded backbone before issue 16
-
-
-def seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def paired_ratio(candidate, baseline, repeats: int, device: torch.device) -> dict[str, float]:

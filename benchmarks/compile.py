@@ -22,10 +22,10 @@ import contextlib
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import seconds
 from torch._dynamo.utils import counters
 
 from purifytf import pretrained
@@ -35,19 +35,6 @@ RESULTS = Path(__file__).parent / "results"
 ENTRIES = {"DiffPurify": pretrained.diff_purify, "SaliencyDiffPurify": pretrained.saliency_diff_purify,
            "SSNIPurify": pretrained.ssni_purify, "IMPurify": pretrained.im_purify}
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def network(purifier: torch.nn.Module) -> torch.nn.Module:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import sync
 from torch import Tensor, nn
 
 from purifytf import DiffPurify, SaliencyDiffPurify, SSNIPurify, count_nfe, create_purifier
@@ -41,11 +42,6 @@ from purifytf.factory import defence_table
 from purifytf.hub import load_backbone, untrained_backbone
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
