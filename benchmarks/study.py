@@ -26,6 +26,7 @@ Writes per-image records under ``--records`` (default ``benchmarks/results/study
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -364,8 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     classifiers = {"cnn": fashion_mnist_cnn(pretrained=True)}
     if "heldout" in args.classifiers:
-        classifiers["heldout"] = train_heldout_classifier(fashion_mnist(args.data, "train"),
-                                                          fashion_mnist(args.data, "test"), cache=args.cache)
+        classifiers["heldout"] = train_heldout_classifier(functools.partial(fashion_mnist, args.data),
+                                                          cache=args.cache)
     classifiers = {k: v.to(device) for k, v in classifiers.items() if k in args.classifiers}
     dataset = load_dataset("bundled:fashion-mnist")
     start = time.perf_counter()

@@ -13,6 +13,7 @@ Parts: ``slice`` (1,000 test images), ``classifier`` (SmallCNN), ``ddpm`` (UNet 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -162,8 +163,7 @@ def purification_metrics(purifier: nn.Module, args, out: Path) -> dict:
     the clean accuracy of the bundled classifier and of the held-out classifier (another architecture, used
     nowhere in training: :func:`~purifytf.train.classifier.train_heldout_classifier`) without and with
     purification."""
-    heldout = train_heldout_classifier(fashion_mnist(args.data, "train"), fashion_mnist(args.data, "test"),
-                                       args.heldout_steps, args.seed,
+    heldout = train_heldout_classifier(functools.partial(fashion_mnist, args.data), args.heldout_steps, args.seed,
                                        args.heldout_cache or heldout_cache(args.heldout_steps, args.seed))
     classifiers = {"classifier": SmallCNN.from_pretrained(out / "classifier"), "heldout_classifier": heldout}
     with np.load(out / "test-slice.npz") as arrays:

@@ -106,13 +106,16 @@ def test_denoising_psnr_of_the_exact_denoiser():
 
 def test_heldout_classifier_is_trained_reproducibly_and_cached(tmp_path):
     rng = np.random.default_rng(0)
-    train = ArrayData(torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
-                      rng.integers(0, 10, 128))
-    test = ArrayData(torch.rand(16, 1, 28, 28), rng.integers(0, 10, 16))
-    first = train_heldout_classifier(train, test, steps=2, cache=tmp_path / "a")
-    again = train_heldout_classifier(train, test, steps=2, cache=tmp_path / "b")
-    cached = train_heldout_classifier(ArrayData(torch.rand(1, 1, 28, 28), np.zeros(1, np.int64)), steps=2,
-                                      cache=tmp_path / "a")  # loads, does not train
+    splits = {"train": ArrayData(torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+                                 rng.integers(0, 10, 128)),
+              "test": ArrayData(torch.rand(16, 1, 28, 28), rng.integers(0, 10, 16))}
+
+    def no_data(split):
+        raise AssertionError(f"a cached classifier must not read the {split} data")
+
+    first = train_heldout_classifier(splits.__getitem__, steps=2, cache=tmp_path / "a")
+    again = train_heldout_classifier(splits.__getitem__, steps=2, cache=tmp_path / "b")
+    cached = train_heldout_classifier(no_data, steps=2, cache=tmp_path / "a")  # loads, does not train
     for other in (again, cached):
         assert not other.training
         for p, q in zip(first.state_dict().values(), other.state_dict().values(), strict=True):

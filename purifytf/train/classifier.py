@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,14 +67,15 @@ def heldout_cache(steps: int = 1500, seed: int = 0) -> Path:
     return Path.home() / ".cache" / "purifytf" / "heldout" / f"allconv-{steps}-{seed}"
 
 
-def train_heldout_classifier(train: Dataset, test: Dataset | None = None, steps: int = 1500, seed: int = 0,
+def train_heldout_classifier(data: Callable[[str], Dataset], steps: int = 1500, seed: int = 0,
                              cache: Path | None = None) -> AllConvNet:
     """The held-out classifier: an :class:`~purifytf.models.AllConvNet` trained by this module's recipe (AdamW
-    lr 2e-3, 100 warm-up steps, batch 128, seed ``seed``) on ``train``, used by no purifier's training or tuning.
-    With ``cache`` (e.g. :func:`heldout_cache`) it is saved there with ``metrics.json`` (accuracy on ``test``,
-    seconds) and loaded from there on later calls. Eval mode."""
+    lr 2e-3, 100 warm-up steps, batch 128, seed ``seed``) on ``data("train")``, used by no purifier's training or
+    tuning. With ``cache`` (e.g. :func:`heldout_cache`) it is saved there with ``metrics.json`` (accuracy on
+    ``data("test")``, seconds) and loaded from there on later calls, without calling ``data``. Eval mode."""
     if cache is not None and (cache / "model.safetensors").exists():
         return AllConvNet.from_pretrained(cache).eval()
+    train = data("train")
     torch.manual_seed(seed)
     model = AllConvNet(in_channels=train[0][0].shape[0])
     config = OptimConfig(steps=steps, batch_size=128, lr=2e-3, warmup_steps=min(100, steps // 10), weight_decay=0.05,
@@ -84,6 +86,6 @@ def train_heldout_classifier(train: Dataset, test: Dataset | None = None, steps:
         model.save_pretrained(cache)
         metrics = {"architecture": "AllConvNet", "seed": seed, "steps": steps, "batch_size": 128,
                    "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
-                   "test_accuracy": accuracy(model, test) if test is not None else None}
+                   "test_accuracy": accuracy(model, data("test"))}
         (cache / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return model.eval()
