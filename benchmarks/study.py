@@ -5,15 +5,16 @@ Every row is a defence (a purifier of :func:`purifytf.create_purifier` on the em
 majority vote of ``--runs`` fresh purifications) evaluated by :func:`purifytf.evaluation.evaluate`: batched
 attacks (fixed batches of ``--batch-size`` consecutive images, seed ``--seed`` + the batch's first index, so
 every row sees the same images and seeds), per-image records written as they come (jsonl), resumable across
-sittings: rerun the same command and only missing batches run. An image is robust only if its clean
-prediction is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on,
-the per-image minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and
-sampler: difference in robust and clean accuracy, Newcombe's paired 95 % interval and the exact McNemar
-p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with sign steps of
-``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2`` and
-Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
-held-out ``AllConvNet`` no purifier setting was tuned on (:func:`purifytf.train.classifier.train_heldout_classifier`,
-the same one the training recipe checks its purifiers with), is trained once, reproducibly, into ``--cache``.
+sittings: rerun the same command and only missing batches run. An image is robust only if its clean prediction
+is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on, the per-image
+minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at
+1 NFE, with DiffPurify's 10-NFE default): difference in robust and clean accuracy, Newcombe's paired 95 %
+interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with
+sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
+and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
+held-out ``AllConvNet`` no purifier setting was tuned on
+(:func:`purifytf.train.classifier.train_heldout_classifier`, the same one the training recipe checks its
+purifiers with), is trained once, reproducibly, into ``--cache``.
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
@@ -71,7 +72,8 @@ class Row:
         attacked: purifier overrides per attacked version of the same defence (SSNI's ``score_grad`` off and
             on); the row's robust accuracy is the per-image minimum over them.
         view: the attacks' view (``"surrogate"``: the saliency paper's non-adaptive attack).
-        baselines: the DiffPure rows of equal NFE and sampler this row is compared with.
+        baselines: the DiffPure rows this row is compared with: those of equal NFE and sampler (IMPurify, at
+            1 NFE: DiffPurify's 10-NFE default, the comparison issue 18 asks for).
     """
 
     name: str
@@ -113,7 +115,7 @@ ROWS: tuple[Row, ...] = (
         baselines=("DiffPurify DDPM t*=0.1",)),
     Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
         baselines=_DDIM_BASELINES),
-    Row("IMPurify", "impure.fashion_mnist"),
+    Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1",)),
     Row("JPEG q=75", "jpeg", {"quality": 75}),
 )
 """The rows of issue 17, item 3, on the embedded backbone."""
@@ -310,12 +312,13 @@ def markdown(study: dict) -> str:
              f">= {b['large_nfe']} NFE: the first ones), the same images and seeds for every row (seed {b['seed']} + "
              f"the first index of each batch of {b['batch_size']}); {b['steps']} attack steps x {b['eot']} EOT, "
              f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
-             "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images: "
+             "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images "
+             "(IMPurify: against DiffPurify's 10-NFE default): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed."]
     for table in study["tables"]:
         lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", "",
-                  "| defence | n | NFE | s / image | clean | robust | vs DiffPure (equal NFE, sampler) | "
+                  "| defence | n | NFE | s / image | clean | robust | vs DiffPure | "
                   "robust difference | clean difference |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
         for row in table["rows"]:
             comparisons = row["comparisons"] or [None]

@@ -4,7 +4,9 @@ A name is ``METHOD.BACKBONE`` for diffusion-based purifiers (``diffpure.fashion_
 ``ssni_saliency_diffpure.ddpm_cifar10``, ...), ``impure.fashion_mnist``, or a classic defence
 (``jpeg``, ``blur``, ``bit_depth``, ``random_resize_pad``). ``BACKBONE`` is a tag of
 :data:`BACKBONES` (registered weights of :mod:`purifytf.hub`); ``fashion_mnist`` is the embedded
-default shipped in the package (works offline). Its variant settings are the papers'.
+default shipped in the package (works offline). A variant's settings are those its weights pair with the method
+(:attr:`purifytf.hub.Weights.purifier_settings`: the papers' for published weights, ``purifiers.json`` for the
+embedded default).
 
 >>> purifier = create_purifier("ssni_diffpure.fashion_mnist", pretrained=True, steps=10, seed=0)
 >>> purifier.save_pretrained("runs/ssni")
@@ -44,13 +46,6 @@ BACKBONES: dict[str, str] = {
     "guided_imagenet256": "guided-diffusion-256-uncond",
 }
 """Backbone tag of a variant name -> registered weights (:func:`purifytf.hub.get_weights`)."""
-
-PAPER_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "saliency_diffpure": {"guided-diffusion-256-uncond": {"t_l": 0.4, "t_s": 0.2, "mask": "topk", "fraction": 0.15}},
-    "ssni": {"guided-diffusion-256-uncond": {"eps_steps": 50}},
-}
-"""Method -> weights -> the paper's settings where they differ from the class defaults (ALGORITHMS.md); DiffPure's
-``t_star`` is the weights' own ``purifier_kwargs`` (:class:`purifytf.hub.Weights`)."""
 
 Builder = Callable[..., Purifier]
 _VARIANTS: dict[str, Builder] = {}
@@ -127,9 +122,14 @@ def _classifier(weights: str, pretrained: bool, classifier: nn.Module | None) ->
     return fashion_mnist_cnn(pretrained=pretrained, weights=weights)
 
 
+def _paired(weights: str, method: str) -> dict[str, Any]:
+    """The settings ``weights`` pair with ``method`` (:attr:`purifytf.hub.Weights.purifier_settings`)."""
+    return dict(get_weights(weights).purifier_settings.get(method, {}))
+
+
 def _diffpure(weights: str) -> Builder:
     def build(pretrained: bool, backbone: Backbone | None = None, **kw) -> DiffPurify:
-        settings = {**get_weights(weights).purifier_kwargs, **kw}
+        settings = {**_paired(weights, "diffpure"), **kw}
         return DiffPurify(_backbone(weights, pretrained, backbone), **settings)
     return build
 
@@ -137,7 +137,7 @@ def _diffpure(weights: str) -> Builder:
 def _saliency(weights: str) -> Builder:
     def build(pretrained: bool, backbone: Backbone | None = None, classifier: nn.Module | None = None,
               **kw) -> SaliencyDiffPurify:
-        settings = {**PAPER_SETTINGS["saliency_diffpure"].get(get_weights(weights).name, {}), **kw}
+        settings = {**_paired(weights, "saliency_diffpure"), **kw}
         return SaliencyDiffPurify(_backbone(weights, pretrained, backbone),
                                   _classifier(weights, pretrained, classifier), **settings)
     return build
@@ -147,7 +147,7 @@ def _ssni(weights: str, base: Builder) -> Builder:
     own = set(SSNIPurify._settings()) - {"base"}
 
     def build(pretrained: bool, **kw) -> SSNIPurify:
-        ssni_kw = {**PAPER_SETTINGS["ssni"].get(get_weights(weights).name, {}),
+        ssni_kw = {**_paired(weights, "ssni"),
                    **{k: kw.pop(k) for k in list(kw) if k in own}}
         if pretrained and "stats" not in ssni_kw and "ssni_stats" in get_weights(weights).companions:
             saved = json.loads(companion_file(weights, "ssni_stats").read_text())

@@ -9,12 +9,13 @@ checked against their sha256. Offline, a file missing from the cache fails at on
 saying how to get it. Files are read with safetensors or ``torch.load(weights_only=True)`` only.
 
 >>> backbone = load_backbone("ddpm-cifar10-32")              # doctest: +SKIP
->>> purifier = DiffPurify(backbone, **get_weights("ddpm-cifar10-32").purifier_kwargs)  # doctest: +SKIP
+>>> purifier = DiffPurify(backbone, **get_weights("ddpm-cifar10-32").purifier_settings["diffpure"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ __all__ = [
 ]
 
 
+PURIFIER_METHODS = ("diffpure", "saliency_diffpure", "ssni")
+"""The methods whose settings :attr:`Weights.purifier_settings` may pair with a backbone."""
+
+
 @dataclass(frozen=True)
 class Weights:
     """Where one pretrained checkpoint lives and what it builds.
@@ -68,7 +73,9 @@ class Weights:
             No source at all: no verified download is known; load a local copy with ``path=``.
         companions: models trained for the same data, bundled: ``{"classifier" | "impure" | "ssni_stats":
             path relative to ASSETS}`` (the target classifier, IMPurify, SSNI's score-norm statistics).
-        purifier_kwargs: purifier settings the papers pair with this backbone (e.g. DiffPure's ``t_star``).
+        purifier_settings: method (``"diffpure"``, ``"saliency_diffpure"``, ``"ssni"``) -> the settings paired
+            with these weights where they differ from the class defaults: the papers' for published weights,
+            the study's for the embedded default (its ``purifiers.json``, shipped beside the weights).
         card: model-card metadata (``datasets``, ``license``, ``base_model``, ``paper``, ``description``).
     """
 
@@ -82,12 +89,16 @@ class Weights:
     sha256: str | None = None
     bundled: str | None = None
     companions: dict[str, str] = field(default_factory=dict)
-    purifier_kwargs: dict[str, Any] = field(default_factory=dict)
+    purifier_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if sum(source is not None for source in (self.repo_id, self.url, self.bundled)) > 1:
             raise ValueError(f"weights {self.name!r}: give at most one of repo_id, url and bundled")
+        unknown = set(self.purifier_settings) - set(PURIFIER_METHODS)
+        if unknown:
+            raise ValueError(f"weights {self.name!r}: purifier_settings for unknown methods {sorted(unknown)}; "
+                             f"known: {PURIFIER_METHODS}")
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -391,7 +402,7 @@ register_weights(Weights(
             "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
         },
     },
-    purifier_kwargs={"t_star": 0.1},
+    purifier_settings={"diffpure": {"t_star": 0.1}},
     card={"datasets": ["cifar10"], "license": "apache-2.0", "base_model": "google/ddpm-cifar10-32",
           "paper": "https://arxiv.org/abs/2006.11239",
           "description": "DDPM (Ho et al., 2020) eps-prediction UNet, unconditional CIFAR-10 32x32, 35.7M parameters"},
@@ -407,7 +418,9 @@ register_weights(Weights(
         "schedule": {"kind": "linear", "num_steps": 1000},
         "unet": unet_kwargs_from_flags(_GUIDED_256_UNCOND_FLAGS),
     },
-    purifier_kwargs={"t_star": 0.15},
+    purifier_settings={"diffpure": {"t_star": 0.15},  # ALGORITHMS.md: the papers' ImageNet settings
+                       "saliency_diffpure": {"t_l": 0.4, "t_s": 0.2, "mask": "topk", "fraction": 0.15},
+                       "ssni": {"eps_steps": 50}},
     card={"datasets": ["imagenet-1k"], "license": "mit", "paper": "https://arxiv.org/abs/2105.05233",
           "description": "guided-diffusion (Dhariwal & Nichol, 2021) unconditional ImageNet 256x256 UNet with "
                          "learned sigma, 552.8M parameters; DiffPure's ImageNet backbone"},
@@ -417,7 +430,7 @@ register_weights(Weights(
     name="score-sde-cifar10-ddpmpp-deep-continuous",
     format="score_sde",
     config=SCORE_SDE_CIFAR10_CONFIG,
-    purifier_kwargs={"t_star": 0.1},
+    purifier_settings={"diffpure": {"t_star": 0.1}},
     card={"datasets": ["cifar10"], "license": "apache-2.0", "paper": "https://arxiv.org/abs/2011.13456",
           "source": "score_sde_pytorch release, vp/cifar10_ddpmpp_deep_continuous/checkpoints/checkpoint_8.pth",
           "description": "score_sde DDPM++ deep (Song et al., 2021), continuous VP SDE, CIFAR-10 32x32, 106.6M "
@@ -429,7 +442,7 @@ register_weights(Weights(
     bundled="fashion-mnist/ddpm/model.safetensors",  # config: fashion-mnist/ddpm/config.json
     companions={"classifier": "fashion-mnist/classifier", "impure": "fashion-mnist/impure",
                 "ssni_stats": "fashion-mnist/ssni/stats.json", "test_slice": "fashion-mnist/test-slice.npz"},
-    purifier_kwargs={"t_star": 0.1},
+    purifier_settings=json.loads((ASSETS / "fashion-mnist/purifiers.json").read_text()),
     card={"datasets": ["zalando-datasets/fashion_mnist"], "license": "apache-2.0",
           "description": "purifytf's embedded default: eps-prediction DDPM UNet (0.99M parameters), Fashion-MNIST "
                          "28x28 grey, linear schedule, trained on t <= 400 by examples/train_fashion_mnist.py"},

@@ -1,5 +1,6 @@
 """The factory, the loader and the one configuration system: named variants, config.json, live settings, max_t."""
 
+import dataclasses
 import json
 
 import pytest
@@ -78,6 +79,24 @@ def test_paper_settings_per_backbone():
     assert create_purifier("diffpure.guided_imagenet256", backbone=small).t_star == 0.15
     cifar = create_purifier("ssni_saliency_diffpure.ddpm_cifar10", classifier=nn.Conv2d(3, 3, 1))
     assert (cifar.eps_steps, cifar.base.t_l, cifar.base.t_s, cifar.base.mask) == (20, 0.2, 0.1, "threshold")
+
+
+def test_embedded_settings_travel_with_the_weights(monkeypatch):
+    """The embedded default's variant settings are its shipped purifiers.json, not code."""
+    from purifytf import hub
+
+    shipped = json.loads((hub.ASSETS / "fashion-mnist/purifiers.json").read_text())
+    assert hub.get_weights("fashion-mnist").purifier_settings == shipped
+    saliency = create_purifier("saliency_diffpure.fashion_mnist", classifier=nn.Conv2d(1, 1, 1))
+    assert {k: getattr(saliency, k) for k in shipped["saliency_diffpure"]} == shipped["saliency_diffpure"]
+    changed = {**shipped, "diffpure": {"t_star": 0.15, "steps": 7}}
+    monkeypatch.setitem(hub._REGISTRY, "fashion-mnist",
+                        dataclasses.replace(hub.get_weights("fashion-mnist"), purifier_settings=changed))
+    purifier = create_purifier("ssni_diffpure.fashion_mnist")
+    assert (purifier.base.t_star, purifier.base.steps) == (0.15, 7)
+    assert create_purifier("diffpure.fashion_mnist", steps=3).steps == 3  # overrides still win
+    with pytest.raises(ValueError, match="unknown methods"):
+        hub.Weights(name="x", purifier_settings={"dffpure": {}})
 
 
 def test_defence_table_is_the_demos():

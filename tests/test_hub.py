@@ -91,7 +91,7 @@ def tiny_hf_weights(offline_cache):
     hub.register_weights(hub.Weights(
         name="tiny-ddpm", repo_id="purifytf-test/tiny-ddpm", format="diffusers_unet", config=config,
         filenames=("diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"),
-        purifier_kwargs={"t_star": 0.05}, card={"datasets": ["cifar10"], "license": "apache-2.0"}))
+        purifier_settings={"diffpure": {"t_star": 0.05}}, card={"datasets": ["cifar10"], "license": "apache-2.0"}))
     return backbone
 
 
