@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from purifytf import DiffPurify, IMPurify, SSNIPurify
+from purifytf.evaluation.clean import accuracy, purification_metrics
 from purifytf.hub import ASSETS, load_backbone_dir, untrained_backbone
 from purifytf.models import SmallCNN
-from purifytf.train.classifier import ClassifierTrainer, accuracy, heldout_cache, train_heldout_classifier
+from purifytf.train.classifier import ClassifierTrainer, heldout_cache, train_heldout_classifier
 from purifytf.train.data import ArrayData, fashion_mnist, read_idx, to_images
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
 from purifytf.train.impure import FeatureLoss, IMPureTrainer, TrainConfig
@@ -111,7 +112,7 @@ def train_ddpm(args, out: Path) -> None:
     psnr = {f"psnr_t{t}": round(denoising_psnr(trainer.model, test, t, torch.Generator().manual_seed(t)), 2)
             for t in (100, 200, 400) if t <= args.ddpm_max_t}
     diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)  # the default steps
-    purification = {f"diffpure_{k}": v for k, v in purification_metrics(diffpure, args, out).items()}
+    purification = {f"diffpure_{k}": v for k, v in slice_metrics(diffpure, args, out).items()}
     record(out / "ddpm", args.seed, sum(s["seconds"] for s in sittings), steps=trainer.step,
            planned_steps=config.steps, batch_size=config.batch_size, max_t=args.ddpm_max_t, t_power=args.ddpm_t_power,
            sittings=sittings, **psnr, **purification)
@@ -158,33 +159,24 @@ def train_impure(args, out: Path) -> None:
         shutil.rmtree(work)
 
 
-def purification_metrics(purifier: nn.Module, args, out: Path) -> dict:
-    """``purifier``'s metrics on the bundled test slice (seed 0): mean PSNR of its output to the clean images, and
-    the clean accuracy of the bundled classifier and of the held-out classifier (another architecture, used
-    nowhere in training: :func:`~purifytf.train.classifier.train_heldout_classifier`) without and with
-    purification."""
+def slice_metrics(purifier: nn.Module, args, out: Path) -> dict:
+    """``purifier``'s :func:`~purifytf.evaluation.clean.purification_metrics` on the bundled test slice (seed 0),
+    for the bundled classifier and the held-out classifier (another architecture, used nowhere in training:
+    :func:`~purifytf.train.classifier.train_heldout_classifier`)."""
     heldout = train_heldout_classifier(functools.partial(fashion_mnist, args.data), args.heldout_steps, args.seed,
                                        args.heldout_cache or heldout_cache(args.heldout_steps, args.seed))
     classifiers = {"classifier": SmallCNN.from_pretrained(out / "classifier"), "heldout_classifier": heldout}
     with np.load(out / "test-slice.npz") as arrays:
         n = args.metric_images
         test = ArrayData(to_images(arrays["images"][:n]), arrays["labels"][:n].astype(np.int64))
-    generator = torch.Generator(device=args.device).manual_seed(0)
-    with torch.no_grad():
-        purified = torch.cat([purifier.purify(x.to(args.device), generator).cpu() for x in test.images.split(500)])
-    mse = (purified.clamp(0, 1) - test.images).square().flatten(1).mean(1)
-    metrics = {"test_images": len(test), "heldout_classifier": f"AllConvNet, {args.heldout_steps} steps",
-               "psnr": round((10 * torch.log10(1 / mse)).mean().item(), 2)}
-    for name, model in classifiers.items():
-        model = model.to(args.device).eval()
-        metrics[f"{name}_clean_accuracy"] = accuracy(model, test)
-        metrics[f"{name}_accuracy_after_purification"] = accuracy(model, ArrayData(purified, test.labels))
-    return metrics
+    metrics = purification_metrics(purifier, test, {k: v.to(args.device) for k, v in classifiers.items()},
+                                   torch.Generator(device=args.device).manual_seed(0))
+    return {"test_images": len(test), "heldout_classifier": f"AllConvNet, {args.heldout_steps} steps", **metrics}
 
 
 def record_impure(args, out: Path, seconds: float, **extra) -> None:
-    """IMPurify's training record with its :func:`purification_metrics`."""
-    metrics = purification_metrics(IMPurify.from_pretrained(out / "impure").to(args.device), args, out)
+    """IMPurify's training record with its :func:`slice_metrics`."""
+    metrics = slice_metrics(IMPurify.from_pretrained(out / "impure").to(args.device), args, out)
     record(out / "impure", args.seed, seconds, **extra, perceptual_weight=args.impure_perceptual_weight,
            batch_size=64, **metrics)
 

@@ -7,8 +7,8 @@ import torch
 
 from purifytf import hub, pretrained
 from purifytf.__main__ import main
+from purifytf.evaluation.clean import accuracy
 from purifytf.evaluation.data import load_dataset
-from purifytf.train.classifier import accuracy
 from purifytf.train.data import ArrayData
 from purifytf.train.ddpm import denoising_psnr
 

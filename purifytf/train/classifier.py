@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from ..evaluation.clean import accuracy
 from ..models import AllConvNet
 from ..random import rand_like
 from .loop import OptimConfig, Trainer
 
-__all__ = ["ClassifierTrainer", "accuracy", "augment", "heldout_cache", "train_heldout_classifier"]
+__all__ = ["ClassifierTrainer", "augment", "heldout_cache", "train_heldout_classifier"]
 
 
 def augment(x: Tensor, generator: torch.Generator | None, shift: int = 2, flip: bool = True) -> Tensor:
@@ -34,17 +35,6 @@ def augment(x: Tensor, generator: torch.Generator | None, shift: int = 2, flip: 
     theta[:, 1, 2] = -2 * offsets[:, 1] / h
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on ``(image, label)`` data."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for images, labels in DataLoader(data, batch_size=batch_size):
-        correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
-    return correct / len(data)
 
 
 class ClassifierTrainer(Trainer):
