@@ -19,6 +19,7 @@ purifiers with), is trained once, reproducibly, into ``--cache``.
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
     python benchmarks/study.py --images 64 --rows "DiffPurify DDIM t*=0.1" "SaliencyDiffPurify default" --threats linf
+    torchrun --standalone --nproc_per_node 8 benchmarks/study.py ...            # 8 processes share the batches
 
 Writes per-image records under ``--records`` (default ``benchmarks/results/study/``),
 ``benchmarks/results/study.json`` and ``benchmarks/results/study.md`` (the tables for MODEL_CARD.md and README).
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 from purifytf import DefendedModel, create_purifier
 from purifytf.attacks import AttackSettings, parse_attacks
 from purifytf.classifiers import fashion_mnist_cnn
-from purifytf.evaluation import evaluate, load_dataset, load_records
+from purifytf.evaluation import default_device, distributed, evaluate, load_dataset, load_records
 from purifytf.evaluation.stats import paired_comparison, wilson_interval
 from purifytf.nfe import count_nfe
 from purifytf.saliency import find_stages
@@ -343,7 +345,8 @@ def markdown(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run the study; returns it on rank 0 (``None`` on the other ranks of a torchrun launch)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Budget()
     for name in ("images", "large_images", "large_nfe", "steps", "eot", "runs", "batch_size", "seed"):
@@ -359,40 +362,53 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, default=heldout_cache(), help="the held-out classifier's folder")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX,
                         help="Fashion-MNIST IDX files (to train the held-out classifier)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = Budget(**{k: getattr(args, k) for k in asdict(defaults)})
+    device = torch.device(args.device) if args.device else default_device()
+    with distributed(device) as (rank, world):
+        study = _run(args, budget, device, rank, world)
+    if study is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(study, indent=2) + "\n")
+        args.output.with_suffix(".md").write_text(markdown(study))
+        print(markdown(study))
+        print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    return study
+
+
+def _run(args: argparse.Namespace, budget: Budget, device: torch.device, rank: int, world: int) -> dict | None:
+    """The study's rows (and convergence check) on this rank's share of the batches; the study on rank 0."""
     rows = [r for r in ROWS if not args.rows or r.name in args.rows]
-    device = torch.device(args.device)
+    progress = not args.no_progress and rank == 0
     classifiers = {"cnn": fashion_mnist_cnn(pretrained=True)}
     if "heldout" in args.classifiers:
+        if rank > 0:
+            dist.barrier()  # rank 0 trains (or loads) the held-out classifier first, the others load it
         classifiers["heldout"] = train_heldout_classifier(functools.partial(fashion_mnist, args.data),
                                                           cache=args.cache)
+        if rank == 0 and world > 1:
+            dist.barrier()
     classifiers = {k: v.to(device) for k, v in classifiers.items() if k in args.classifiers}
     dataset = load_dataset("bundled:fashion-mnist")
     start = time.perf_counter()
     study = run_study(rows, classifiers, args.threats, dataset, budget, args.records,
-                      {"heldout": SECOND_CLASSIFIER_ROWS}, progress=not args.no_progress)
+                      {"heldout": SECOND_CLASSIFIER_ROWS}, progress=progress)
     if args.convergence:
         chosen = [r for r in rows if r.name in CONVERGENCE_ROWS]
         study["convergence"] = [c for t in args.threats for c in convergence(
-            chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images,
-            not args.no_progress)]
-    study |= {"budget": asdict(budget), "device": str(device),
-              "minutes_this_sitting": (time.perf_counter() - start) / 60,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}, {args.device}",
-              "records": str(args.records), "heldout_classifier": _metrics(args.cache)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(study, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(study))
-    print(markdown(study))
-    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
-    return study
+            chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images, progress)]
+    if rank > 0:
+        return None
+    return study | {"budget": asdict(budget), "device": str(device),
+                    "minutes_this_sitting": (time.perf_counter() - start) / 60,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {world} x {torch.get_num_threads()} "
+                               f"threads, torch {torch.__version__}, {device.type}",
+                    "records": str(args.records), "heldout_classifier": _metrics(args.cache)}
 
 
 def _metrics(cache: Path) -> dict | None:

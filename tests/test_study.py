@@ -135,3 +135,27 @@ def test_compare_pairs_the_images_both_rows_ran():
     assert comparison["clean"] == paired_comparison([True, True, True], [True, True, True])
     with pytest.raises(ValueError, match="same images"):
         study.compare(row, {**baseline, "indices": [0, 2, 1]})
+
+
+def test_torchrun_ranks_share_the_batches_and_match_one_process(tmp_path):
+    import os
+    import subprocess
+
+    args = ["--rows", "no defence", "JPEG q=75", "--classifiers", "cnn", "--threats", "linf", "--images", "4",
+            "--steps", "1", "--eot", "1", "--runs", "1", "--batch-size", "1", "--no-progress",
+            "--cache", str(tmp_path / "unused")]
+    single = study.main([*args, "--records", str(tmp_path / "single"), "--output", str(tmp_path / "single.json")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(study.__file__)), *args, "--device", "cpu", "--records", str(tmp_path / "sharded"),
+               "--output", str(tmp_path / "sharded.json")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "sharded/cnn/linf/jpeg-q-75").glob("images*.jsonl")} == {
+        "images.jsonl", "images.rank1.jsonl"}
+    assert _all_records(tmp_path / "sharded") == _all_records(tmp_path / "single")
+    sharded, single = json.loads((tmp_path / "sharded.json").read_text()), json.loads(json.dumps(single))
+    for a, b in zip(sharded["tables"][0]["rows"], single["tables"][0]["rows"], strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds_per_image"} == {
+            k: v for k, v in b.items() if k != "seconds_per_image"}
+    assert sharded["machine"].split(", ")[2].startswith("2 x ")

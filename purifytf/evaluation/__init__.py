@@ -13,7 +13,7 @@ Python use::
 
 from .batched import pgd_eot_accuracy
 from .data import BUNDLED, load_dataset
-from .harness import evaluate, evaluate_batch, load_records, summarize, summary_markdown
+from .harness import default_device, distributed, evaluate, evaluate_batch, load_records, summarize, summary_markdown
 
-__all__ = ["BUNDLED", "evaluate", "evaluate_batch", "load_dataset", "load_records", "pgd_eot_accuracy",
-           "summarize", "summary_markdown"]
+__all__ = ["BUNDLED", "default_device", "distributed", "evaluate", "evaluate_batch", "load_dataset", "load_records",
+           "pgd_eot_accuracy", "summarize", "summary_markdown"]

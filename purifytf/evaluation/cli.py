@@ -16,25 +16,21 @@ not depend on N. Rerun the same command to resume.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..attacks import ATTACK_METHODS, PRESETS, AttackSettings, parse_attacks
 from ..defended import DefendedModel
 from .data import load_dataset
-from .harness import evaluate, summary_markdown
+from .harness import default_device, distributed, evaluate, summary_markdown
 from .loading import load_classifier, load_purifier, parse_normalize, parse_options
 from .report import write_reports
 
 __all__ = ["add_arguments", "dataset_name", "run", "main", "select_indices"]
 
-_DIST_TIMEOUT = timedelta(days=7)  # ranks wait for the slowest one before the summary
 _NOT_IN_CONFIG = ("command", "output", "num_images", "device", "progress", "checkpoint", "model_name",
                   "dataset_name")  # results independent of these
 
@@ -110,20 +106,7 @@ def select_indices(size: int, count: int | None, shuffle_seed: int | None) -> li
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def _init_distributed(device: torch.device) -> bool:
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_DIST_TIMEOUT)
-    return True
+    return torch.device(args.device) if args.device else default_device()
 
 
 def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
@@ -155,15 +138,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the summary and writes the reports (rank 0). Returns the exit status
     (2: bad arguments)."""
     device = _device(args)
-    distributed = _init_distributed(device)
     try:
-        summary = _evaluate(args, device)
+        with distributed(device):
+            summary = _evaluate(args, device)
     except (ValueError, FileNotFoundError) as error:
         print(f"purifytf eval: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if distributed:
-            dist.destroy_process_group()
     if summary is not None:
         write_reports(args.output, summary, args.model_name or f"{args.purifier} + {args.classifier}",
                       args.dataset_name or dataset_name(args.dataset))

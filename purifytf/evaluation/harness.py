@@ -16,8 +16,10 @@ import json
 import os
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -136,6 +138,32 @@ def _check_run_config(output: Path, config: dict, rank: int) -> None:
     _barrier()
     if rank == 0 and not path.exists():
         path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+_DIST_TIMEOUT = timedelta(days=7)  # ranks wait for the slowest one before the summary
+
+
+def default_device() -> torch.device:
+    """``cuda`` (``cuda:LOCAL_RANK`` under torchrun) where available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
+    """Join the ``torchrun`` process group for the ``with`` block (nccl on CUDA, gloo on CPU) and yield
+    ``(rank, world)``; ``(0, 1)`` outside torchrun. :func:`evaluate` shares its batches among the ranks."""
+    joined = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if joined:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_DIST_TIMEOUT)
+    try:
+        yield _rank_world()
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def _rank_world() -> tuple[int, int]:
