@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--cache", type=Path, default=heldout_cache(), help="the held-out classifier's folder")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX,
                         help="Fashion-MNIST IDX files (to train the held-out classifier)")
-    parser.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    parser.add_argument("--device", help="default: cuda if available (torchrun: GPU LOCAL_RANK mod GPUs), else cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

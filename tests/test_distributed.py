@@ -39,3 +39,20 @@ def test_two_gloo_workers_match_one_process_and_resume_its_partial_run(tmp_path,
     for key in ("images", "clean_accuracy", "robust_accuracy", "robust_accuracy_overall"):
         assert summaries[0][key] == summaries[1][key]
     assert "robust: all attacks" in result.stdout
+
+
+def test_default_device_gives_each_rank_a_gpu_and_shares_them_when_ranks_outnumber_gpus(monkeypatch):
+    import torch
+
+    from purifytf.evaluation import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert default_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert default_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert default_device() == torch.device("cuda", 0)  # 8 ranks on the one H200

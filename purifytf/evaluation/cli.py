@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--seed", type=int, default=0, help="a batch runs with seed + its first image's index")
     run_group.add_argument("--batch-size", type=int, default=32,
                            help="images attacked together (results depend on it: it is part of the run's config)")
-    run_group.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    run_group.add_argument("--device", help="default: cuda if available (torchrun: GPU LOCAL_RANK mod GPUs), else cpu")
     run_group.add_argument("--no-progress", dest="progress", action="store_false")
     report = parser.add_argument_group("reports (model_info.json, model_index.yaml)")
     report.add_argument("--model-name", help="name of the defence in the reports (default: PURIFIER + CLASSIFIER)")

@@ -144,21 +144,23 @@ _DIST_TIMEOUT = timedelta(days=7)  # ranks wait for the slowest one before the s
 
 
 def default_device() -> torch.device:
-    """``cuda`` (``cuda:LOCAL_RANK`` under torchrun) where available, else ``cpu``."""
+    """``cuda`` where available, else ``cpu``. Under torchrun rank ``LOCAL_RANK`` takes GPU ``LOCAL_RANK``
+    modulo the GPUs present, so more ranks than GPUs share them."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 @contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
-    """Join the ``torchrun`` process group for the ``with`` block (nccl on CUDA, gloo on CPU) and yield
-    ``(rank, world)``; ``(0, 1)`` outside torchrun. :func:`evaluate` shares its batches among the ranks."""
+    """Join the ``torchrun`` process group for the ``with`` block and yield ``(rank, world)``; ``(0, 1)``
+    outside torchrun. :func:`evaluate` shares its batches among the ranks. Only records cross ranks, so the
+    group is gloo's whatever the device (NCCL would refuse several ranks on one GPU)."""
     joined = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     if joined:
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_DIST_TIMEOUT)
+        dist.init_process_group("gloo", timeout=_DIST_TIMEOUT)
     try:
         yield _rank_world()
     finally:
