@@ -75,7 +75,7 @@ class Row:
             on); the row's robust accuracy is the per-image minimum over them.
         view: the attacks' view (``"surrogate"``: the saliency paper's non-adaptive attack).
         baselines: the DiffPure rows this row is compared with: those of equal NFE and sampler (IMPurify, at
-            1 NFE: DiffPurify's 10-NFE default, the comparison issue 18 asks for).
+            1 NFE: DiffPurify's 10-NFE rows, the comparison issue 18 asks for; DDIM: DDPM at equal NFE).
     """
 
     name: str
@@ -93,7 +93,8 @@ _DDIM_BASELINES = ("DiffPurify DDIM t*=0.1", "DiffPurify DDIM t*=0.2")
 ROWS: tuple[Row, ...] = (
     Row("no defence", None),
     Row("DiffPurify DDPM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDPM_10}),
-    Row("DiffPurify DDIM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDIM_10}),
+    Row("DiffPurify DDIM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDIM_10},
+        baselines=("DiffPurify DDPM t*=0.1",)),
     Row("DiffPurify DDPM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDPM_10}),
     Row("DiffPurify DDIM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDIM_10}),
     Row("DiffPurify DDIM t*=0.2, 100 steps", "diffpure.fashion_mnist",
@@ -117,7 +118,7 @@ ROWS: tuple[Row, ...] = (
         baselines=("DiffPurify DDPM t*=0.1",)),
     Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
         baselines=_DDIM_BASELINES),
-    Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1",)),
+    Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1")),
     Row("JPEG q=75", "jpeg", {"quality": 75}),
 )
 """The rows of issue 17, item 3, on the embedded backbone."""
