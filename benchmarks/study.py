@@ -8,7 +8,7 @@ every row sees the same images and seeds), per-image records written as they com
 sittings: rerun the same command and only missing batches run. An image is robust only if its clean prediction
 is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on, the per-image
 minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at
-1 NFE, with DiffPurify's 10-NFE default): difference in robust and clean accuracy, Newcombe's paired 95 %
+1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM): difference in robust and clean accuracy, Newcombe's paired 95 %
 interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with
 sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
 and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
@@ -318,7 +318,7 @@ def markdown(study: dict) -> str:
              f"the first index of each batch of {b['batch_size']}); {b['steps']} attack steps x {b['eot']} EOT, "
              f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
              "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images "
-             "(IMPurify: against DiffPurify's 10-NFE default): "
+             "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed."]
     for table in study["tables"]:
