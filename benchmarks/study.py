@@ -8,7 +8,8 @@ every row sees the same images and seeds), per-image records written as they com
 sittings: rerun the same command and only missing batches run. An image is robust only if its clean prediction
 is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on, the per-image
 minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at
-1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM): difference in robust and clean accuracy, Newcombe's paired 95 %
+1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; IMPurify's noise variants also with the shipped
+IMPurify): difference in robust and clean accuracy, Newcombe's paired 95 %
 interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with
 sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
 and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
@@ -74,8 +75,9 @@ class Row:
         attacked: purifier overrides per attacked version of the same defence (SSNI's ``score_grad`` off and
             on); the row's robust accuracy is the per-image minimum over them.
         view: the attacks' view (``"surrogate"``: the saliency paper's non-adaptive attack).
-        baselines: the DiffPure rows this row is compared with: those of equal NFE and sampler (IMPurify, at
-            1 NFE: DiffPurify's 10-NFE rows, the comparison issue 18 asks for; DDIM: DDPM at equal NFE).
+        baselines: the rows this row is compared with: the DiffPure rows of equal NFE and sampler (IMPurify, at
+            1 NFE: DiffPurify's 10-NFE rows, the comparison issue 18 asks for; DDIM: DDPM at equal NFE), and
+            for a setting variant also the shipped setting.
     """
 
     name: str
@@ -119,6 +121,10 @@ ROWS: tuple[Row, ...] = (
     Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
         baselines=_DDIM_BASELINES),
     Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1")),
+    Row("IMPurify image_t=0.2, feature_t=0.4", "impure.fashion_mnist", {"image_t": 0.2, "feature_t": 0.4},
+        baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
+    Row("IMPurify image_t=0.3, feature_t=0.6", "impure.fashion_mnist", {"image_t": 0.3, "feature_t": 0.6},
+        baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
     Row("JPEG q=75", "jpeg", {"quality": 75}),
 )
 """The rows of issue 17, item 3, on the embedded backbone."""
@@ -280,11 +286,12 @@ def run_study(rows: list[Row], classifiers: dict[str, nn.Module], threats: list[
 def convergence(rows: list[Row], classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset,
                 budget: Budget, records: Path, images: int, progress: bool = True) -> list[dict]:
     """Robust accuracy at the study's budget and with steps and EOT doubled, on the first ``images`` images:
-    the paired difference (doubled minus study budget) should lie within 1 point."""
+    the paired difference (doubled minus study budget) should lie within 1 point. The row at the study's budget
+    is evaluated in full (its records and summary stay the study's row); only the doubled run is a subset."""
     report = []
     for row in rows:
-        base, doubled = (run_row(row, classifier, classifier_name, threat, dataset, budget, records, scale, images,
-                                 progress) for scale in (1, 2))
+        base, doubled = (run_row(row, classifier, classifier_name, threat, dataset, budget, records, scale,
+                                 images if scale > 1 else None, progress) for scale in (1, 2))
         difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
         report.append({"name": row.name, "threat": threat, "n": difference["n"],
                        "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
@@ -318,12 +325,13 @@ def markdown(study: dict) -> str:
              f"the first index of each batch of {b['batch_size']}); {b['steps']} attack steps x {b['eot']} EOT, "
              f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
              "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images "
-             "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM): "
+             "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM; IMPurify's noise variants also "
+             "against the shipped IMPurify): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed."]
     for table in study["tables"]:
         lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", "",
-                  "| defence | n | NFE | s / image | clean | robust | vs DiffPure | "
+                  "| defence | n | NFE | s / image | clean | robust | compared with | "
                   "robust difference | clean difference |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
         for row in table["rows"]:
             comparisons = row["comparisons"] or [None]

@@ -112,6 +112,9 @@ def test_convergence_doubles_steps_and_eot(tmp_path, classifier, dataset):
     assert report["n"] == 2 and report["converged"] == (abs(report["robust_doubled"] - report["robust"]) <= 0.01)
     run = json.loads((tmp_path / "cnn/linf-x2/no-defence/run.json").read_text())
     assert (run["settings"]["steps"], run["settings"]["eot"]) == (2 * TINY.steps, 2 * TINY.eot)
+    assert len(load_records(tmp_path / "cnn/linf-x2/no-defence")) == 2
+    row = json.loads((tmp_path / "cnn/linf/no-defence/summary.json").read_text())
+    assert row["images"] == TINY.images  # the study's row stays whole: its summary is not the subset's
 
 
 def test_cli_writes_json_and_markdown(tmp_path):
