@@ -18,7 +18,7 @@ held-out ``AllConvNet`` no purifier setting was tuned on
 purifiers with), is trained once, reproducibly, into ``--cache``.
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
-    python benchmarks/study.py ... --convergence                               # steps and EOT doubled on a subset
+    python benchmarks/study.py ... --convergence [ROW ...]                     # steps and EOT doubled on a subset
     python benchmarks/study.py --images 64 --rows "DiffPurify DDIM t*=0.1" "SaliencyDiffPurify default" --threats linf
     torchrun --standalone --nproc_per_node 8 benchmarks/study.py ...            # 8 processes share the batches
 
@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="only these rows (names of ROWS; default: all)")
     parser.add_argument("--threats", nargs="+", default=list(THREATS), choices=list(THREATS))
     parser.add_argument("--classifiers", nargs="+", default=["cnn", "heldout"], choices=["cnn", "heldout"])
-    parser.add_argument("--convergence", action="store_true", help="also run steps and EOT doubled on a subset")
+    parser.add_argument("--convergence", nargs="*", choices=CONVERGENCE_ROWS, metavar="ROW",
+                        help="also run steps and EOT doubled on a subset, for these rows (default: those of "
+                             "CONVERGENCE_ROWS in --rows)")
     parser.add_argument("--convergence-images", type=int, default=128)
     parser.add_argument("--records", type=Path, default=RESULTS / "study")
     parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
@@ -407,8 +409,8 @@ def _run(args: argparse.Namespace, budget: Budget, device: torch.device, rank: i
     start = time.perf_counter()
     study = run_study(rows, classifiers, args.threats, dataset, budget, args.records,
                       {"heldout": SECOND_CLASSIFIER_ROWS}, progress=progress)
-    if args.convergence:
-        chosen = [r for r in rows if r.name in CONVERGENCE_ROWS]
+    if args.convergence is not None:
+        chosen = [r for r in rows if r.name in (args.convergence or CONVERGENCE_ROWS)]
         study["convergence"] = [c for t in args.threats for c in convergence(
             chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images, progress)]
     if rank > 0:

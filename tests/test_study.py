@@ -117,6 +117,16 @@ def test_convergence_doubles_steps_and_eot(tmp_path, classifier, dataset):
     assert row["images"] == TINY.images  # the study's row stays whole: its summary is not the subset's
 
 
+def test_cli_convergence_checks_the_rows_named(tmp_path):
+    rows = ["DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1"]
+    result = study.main(["--rows", *rows, "--convergence", rows[0], "--convergence-images", "2", "--classifiers",
+                         "cnn", "--threats", "linf", "--images", "2", "--steps", "1", "--eot", "1", "--runs", "1",
+                         "--batch-size", "2", "--records", str(tmp_path / "records"), "--output",
+                         str(tmp_path / "study.json"), "--no-progress", "--cache", str(tmp_path / "unused")])
+    assert [c["name"] for c in result["convergence"]] == rows[:1]
+    assert not (tmp_path / "records/cnn/linf-x2/diffpurify-ddim-t-0-1").exists()
+
+
 def test_cli_writes_json_and_markdown(tmp_path):
     result = study.main(["--rows", "no defence", "JPEG q=75", "--classifiers", "cnn", "--threats", "linf", "l2",
                          "--images", "2", "--steps", "1", "--eot", "1", "--runs", "1", "--batch-size", "2",
