@@ -186,11 +186,17 @@ def _nfe(purifier: nn.Module | None, sample: torch.Tensor) -> int:
     return counter.count
 
 
-def _tau(purifier: nn.Module | None) -> float | None:
-    """SSNI's temperature: the given ``tau`` or the calibrated score-norm std it defaults to."""
-    if purifier is None or not hasattr(purifier, "eps_steps"):
-        return None
-    return purifier.tau if purifier.tau is not None else purifier.stats["std"]
+def _row_info(purifier: nn.Module | None, images: torch.Tensor) -> dict:
+    """What a row states beside its accuracies: SSNI's temperature ``tau`` (the given one or the calibrated
+    score-norm std it defaults to) and SaliencyDiffPurify's ``mask_density``, the mean of its mask over the
+    row's clean ``images`` (N, C, H, W) (the fraction of pixels given the large level, for a binary mask)."""
+    info = {}
+    if hasattr(purifier, "eps_steps"):
+        info["tau"] = purifier.tau if purifier.tau is not None else purifier.stats["std"]
+    if hasattr(purifier, "compute_mask"):
+        with torch.no_grad():
+            info["mask_density"] = float(purifier.compute_mask(images).mean())
+    return info
 
 
 def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset, budget: Budget,
@@ -199,7 +205,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
 
     Returns ``name``, ``indices``, ``clean`` and ``robust`` (per image, in index order), ``per_attack``
     (attack name -> per-image robustness, minimum over the attacked versions), ``nfe``,
-    ``seconds_per_image`` (all attacked versions) and ``info`` (SSNI's ``tau``).
+    ``seconds_per_image`` (all attacked versions) and ``info`` (:func:`_row_info`).
     """
     settings = budget.settings(threat, scale)
     attacks = parse_attacks(",".join(f"{a}@{row.view}" if row.view != "adaptive" else a
@@ -221,8 +227,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
                  batch_size=budget.batch_size, config=config, progress=progress)
         found = load_records(folder)
         outcomes.append([found[i] for i in indices])
-        tau = _tau(purifier)
-        info = {"tau": tau} if tau is not None else info
+        info = _row_info(purifier, torch.stack([dataset[i][0] for i in indices]).to(sample.device))
     first = outcomes[0]
     return {
         "name": row.name, "indices": [r["index"] for r in first],
@@ -336,6 +341,7 @@ def markdown(study: dict) -> str:
         for row in table["rows"]:
             comparisons = row["comparisons"] or [None]
             tau = f" (tau {row['tau']:.3g})" if row.get("tau") is not None else ""
+            tau += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
             for i, c in enumerate(comparisons):
                 head = (f"| {row['name']}{tau} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
                         f"{_with_interval(row['clean'])} | {_with_interval(row['robust'])} |"

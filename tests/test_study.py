@@ -3,9 +3,11 @@
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from purifytf.classifiers import fashion_mnist_cnn
 from purifytf.evaluation import harness, load_dataset, load_records
@@ -125,6 +127,20 @@ def test_cli_convergence_checks_the_rows_named(tmp_path):
                          str(tmp_path / "study.json"), "--no-progress", "--cache", str(tmp_path / "unused")])
     assert [c["name"] for c in result["convergence"]] == rows[:1]
     assert not (tmp_path / "records/cnn/linf-x2/diffpurify-ddim-t-0-1").exists()
+
+
+def test_row_info_states_the_saliency_mask_density(classifier, dataset):
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    purifier = study.make_purifier("saliency_diffpure.fashion_mnist", classifier, mask="topk", fraction=0.25)
+    info = study._row_info(purifier, images)
+    assert info == {"mask_density": pytest.approx(0.25, abs=1 / 784)}  # top-k: a quarter of the pixels
+    assert study._row_info(None, images) == {}
+    accuracy = {"accuracy": 1.0, "interval": (0.6, 1.0)}
+    row = {"name": "S", "n": 8, "nfe": 10, "seconds_per_image": 1.0, "comparisons": [], "mask_density": 0.02,
+           "clean": accuracy, "robust": accuracy}
+    table = study.markdown({"budget": asdict(TINY), "machine": "m",
+                            "tables": [{"title": "T", "classifier": "cnn", "attacks": "a", "rows": [row]}]})
+    assert "| S (mask 2.0 %) | 8 |" in table
 
 
 def test_cli_writes_json_and_markdown(tmp_path):
