@@ -121,6 +121,8 @@ ROWS: tuple[Row, ...] = (
     Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
         baselines=_DDIM_BASELINES),
     Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1")),
+    Row("IMPurify image_t=0.05, feature_t=0.1", "impure.fashion_mnist", {"image_t": 0.05, "feature_t": 0.1},
+        baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
     Row("IMPurify image_t=0.2, feature_t=0.4", "impure.fashion_mnist", {"image_t": 0.2, "feature_t": 0.4},
         baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
     Row("IMPurify image_t=0.3, feature_t=0.6", "impure.fashion_mnist", {"image_t": 0.3, "feature_t": 0.6},
