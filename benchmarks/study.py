@@ -188,6 +188,15 @@ def _nfe(purifier: nn.Module | None, sample: torch.Tensor) -> int:
     return counter.count
 
 
+def _resolved(purifier: nn.Module | None) -> str | None:
+    """The purifier's resolved hyper-parameters (its ``extra_repr``, and its base's for SSNI), recorded beside the
+    row's records so that a changed shipped default refuses old records instead of silently reusing them."""
+    if purifier is None:
+        return None
+    base = getattr(purifier, "base", None)
+    return purifier.extra_repr() + (f"; base: {base.extra_repr()}" if base is not None else "")
+
+
 def _row_info(purifier: nn.Module | None, images: torch.Tensor) -> dict:
     """What a row states beside its accuracies: SSNI's temperature ``tau`` (the given one or the calibrated
     score-norm std it defaults to) and SaliencyDiffPurify's ``mask_density``, the mean of its mask over the
@@ -223,8 +232,8 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         defended = DefendedModel(purifier, classifier, runs=budget.runs, normalize=None)
         folder = records / classifier_name / (threat if scale == 1 else f"{threat}-x{scale}") / _slug(row.name)
         folder = folder / f"attacked-{k}" if len(row.attacked) > 1 else folder
-        config = {"row": row.name, "variant": row.variant, "settings": {**row.settings, **overrides},
-                  "view": row.view, "classifier": classifier_name}
+        config = {"row": row.name, "variant": row.variant, "row_settings": {**row.settings, **overrides},
+                  "purifier": _resolved(purifier), "view": row.view, "classifier": classifier_name}
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
                  batch_size=budget.batch_size, config=config, progress=progress)
         found = load_records(folder)

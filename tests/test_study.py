@@ -129,6 +129,17 @@ def test_cli_convergence_checks_the_rows_named(tmp_path):
     assert not (tmp_path / "records/cnn/linf-x2/diffpurify-ddim-t-0-1").exists()
 
 
+def test_records_refuse_a_changed_default(tmp_path, classifier, dataset, monkeypatch):
+    row, budget = ROWS[1], study.Budget(images=2, large_images=2, steps=1, eot=1, runs=1, batch_size=2)
+    study.run_row(row, classifier, "cnn", "linf", dataset, budget, tmp_path, progress=False)
+    run = json.loads((tmp_path / "cnn/linf/diffpurify-2-steps/run.json").read_text())
+    assert run["row_settings"] == {"steps": 2} and run["purifier"] == "t_star=0.1, steps=2, sampler='ddpm'"
+    build = study.make_purifier  # the same row, as if the shipped t_star had changed since its records ran
+    monkeypatch.setattr(study, "make_purifier", lambda *args, **kw: build(*args, **kw, t_star=0.2))
+    with pytest.raises(ValueError, match="another configuration.*purifier"):
+        study.run_row(row, classifier, "cnn", "linf", dataset, budget, tmp_path, progress=False)
+
+
 def test_row_info_states_the_saliency_mask_density(classifier, dataset):
     images = torch.stack([dataset[i][0] for i in range(8)])
     purifier = study.make_purifier("saliency_diffpure.fashion_mnist", classifier, mask="topk", fraction=0.25)
