@@ -222,7 +222,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
     attacks = parse_attacks(",".join(f"{a}@{row.view}" if row.view != "adaptive" else a
                                      for a in THREATS[threat]["attacks"].split(",")))
     sample = dataset[0][0][None].to(next(classifier.parameters()).device)
-    outcomes, info = [], {}
+    outcomes = []
     for k, overrides in enumerate(row.attacked):
         purifier = make_purifier(row.variant, classifier, **{**row.settings, **overrides})
         purifier = purifier.to(sample.device) if purifier is not None else None
@@ -238,8 +238,8 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
                  batch_size=budget.batch_size, config=config, progress=progress)
         found = load_records(folder)
         outcomes.append([found[i] for i in indices])
-        info = _row_info(purifier, torch.stack([dataset[i][0] for i in indices]).to(sample.device))
     first = outcomes[0]
+    info = _row_info(purifier, torch.stack([dataset[i][0] for i in indices]).to(sample.device))
     return {
         "name": row.name, "indices": [r["index"] for r in first],
         "clean": [r["clean_correct"] for r in first],
@@ -351,10 +351,10 @@ def markdown(study: dict) -> str:
                   "robust difference | clean difference |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
         for row in table["rows"]:
             comparisons = row["comparisons"] or [None]
-            tau = f" (tau {row['tau']:.3g})" if row.get("tau") is not None else ""
-            tau += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
+            notes = f" (tau {row['tau']:.3g})" if row.get("tau") is not None else ""
+            notes += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
             for i, c in enumerate(comparisons):
-                head = (f"| {row['name']}{tau} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
+                head = (f"| {row['name']}{notes} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
                         f"{_with_interval(row['clean'])} | {_with_interval(row['robust'])} |"
                         if i == 0 else "| | | | | | |")
                 tail = (f" {c['vs']} (n {c['n']}) | {_difference(c['robust'])} | {_difference(c['clean'])} |"
