@@ -8,8 +8,8 @@ every row sees the same images and seeds), per-image records written as they com
 sittings: rerun the same command and only missing batches run. An image is robust only if its clean prediction
 is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on, the per-image
 minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at
-1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; IMPurify's noise variants also with the shipped
-IMPurify): difference in robust and clean accuracy, Newcombe's paired 95 %
+1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; DiffPure at t* = 0.2 with t* = 0.1; IMPurify's noise
+variants also with the shipped IMPurify): difference in robust and clean accuracy, Newcombe's paired 95 %
 interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with
 sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
 and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
@@ -97,8 +97,10 @@ ROWS: tuple[Row, ...] = (
     Row("DiffPurify DDPM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDPM_10}),
     Row("DiffPurify DDIM t*=0.1", "diffpure.fashion_mnist", {"t_star": 0.1, **_DDIM_10},
         baselines=("DiffPurify DDPM t*=0.1",)),
-    Row("DiffPurify DDPM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDPM_10}),
-    Row("DiffPurify DDIM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDIM_10}),
+    Row("DiffPurify DDPM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDPM_10},
+        baselines=("DiffPurify DDPM t*=0.1",)),
+    Row("DiffPurify DDIM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDIM_10},
+        baselines=("DiffPurify DDPM t*=0.2", "DiffPurify DDIM t*=0.1")),
     Row("DiffPurify DDIM t*=0.2, 100 steps", "diffpure.fashion_mnist",
         {"t_star": 0.2, "steps": 100, "sampler": "ddim"}),
     Row("SaliencyDiffPurify default", "saliency_diffpure.fashion_mnist", baselines=_DDIM_BASELINES),
@@ -121,7 +123,7 @@ ROWS: tuple[Row, ...] = (
     Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
         baselines=_DDIM_BASELINES),
     Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1")),
-    Row("IMPurify image_t=0.05, feature_t=0.1", "impure.fashion_mnist", {"image_t": 0.05, "feature_t": 0.1},
+    Row("IMPurify image_t=0.1, feature_t=0.2", "impure.fashion_mnist", {"image_t": 0.1, "feature_t": 0.2},
         baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
     Row("IMPurify image_t=0.2, feature_t=0.4", "impure.fashion_mnist", {"image_t": 0.2, "feature_t": 0.4},
         baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
@@ -341,8 +343,8 @@ def markdown(study: dict) -> str:
              f"the first index of each batch of {b['batch_size']}); {b['steps']} attack steps x {b['eot']} EOT, "
              f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
              "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images "
-             "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM; IMPurify's noise variants also "
-             "against the shipped IMPurify): "
+             "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM; DiffPure at t* = 0.2: against "
+             "t* = 0.1; IMPurify's noise variants also against the shipped IMPurify): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed."]
     for table in study["tables"]:

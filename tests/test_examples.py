@@ -56,3 +56,17 @@ def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
     assert ddpm["diffpure_test_images"] == 4 and ddpm["max_t"] == 400 and len(ddpm["sittings"]) == 1
     stats = json.loads((out / "ssni" / "stats.json").read_text())
     assert stats["count"] == 8 and stats["eps_steps"] == 20
+    trained = json.loads((out / "impure" / "metrics.json").read_text())
+    weights = (out / "impure" / "model.safetensors").read_bytes()
+
+    # --impure-set-noise: the same weights with other inference noise, re-measured; the training record stays.
+    monkeypatch.setattr(sys, "argv", argv + ["--part", "impure", "--impure-set-noise", "--impure-image-t", "0.3",
+                                             "--impure-feature-t", "0.4"])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    config = json.loads((out / "impure" / "config.json").read_text())
+    recorded = json.loads((out / "impure" / "metrics.json").read_text())
+    assert (config["image_t"], config["feature_t"]) == (recorded["image_t"], recorded["feature_t"]) == (0.3, 0.4)
+    assert (out / "impure" / "model.safetensors").read_bytes() == weights
+    assert {k: recorded[k] for k in ("seconds", "sittings", "pretrain_steps")} == {
+        k: trained[k] for k in ("seconds", "sittings", "pretrain_steps")}
+    assert recorded["psnr"] != trained["psnr"]

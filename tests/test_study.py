@@ -140,6 +140,24 @@ def test_records_refuse_a_changed_default(tmp_path, classifier, dataset, monkeyp
         study.run_row(row, classifier, "cnn", "linf", dataset, budget, tmp_path, progress=False)
 
 
+def test_committed_records_were_run_with_the_shipped_settings(classifier):
+    """Every record folder under benchmarks/results/study/ belongs to a row of ROWS, at that row's folder, and was
+    run with the purifier the row builds today: a changed shipped default (weights' config) shows here, not as a
+    refused rerun."""
+    rows = {row.name: row for row in study.ROWS}
+    runs = sorted((study.RESULTS / "study").rglob("run.json"))
+    assert runs
+    for path in runs:
+        run = json.loads(path.read_text())
+        row = rows[run["row"]]
+        folder = path.parent.parent if path.parent.name.startswith("attacked-") else path.parent
+        assert folder.name == study._slug(row.name), path
+        k = int(path.parent.name.split("-")[1]) if folder != path.parent else 0
+        settings = {**row.settings, **row.attacked[k]}
+        assert run["row_settings"] == settings and run["view"] == row.view, path
+        assert run["purifier"] == study._resolved(study.make_purifier(row.variant, classifier, **settings)), path
+
+
 def test_row_info_states_the_saliency_mask_density(classifier, dataset):
     images = torch.stack([dataset[i][0] for i in range(8)])
     purifier = study.make_purifier("saliency_diffpure.fashion_mnist", classifier, mask="topk", fraction=0.25)
