@@ -13,6 +13,7 @@ Parts: ``slice`` (1,000 test images), ``classifier`` (SmallCNN), ``ddpm`` (UNet 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -27,8 +28,9 @@ import torch
 from torch import nn
 
 from purifytf import DiffPurify, IMPurify, SSNIPurify
+from purifytf.diffusion.backbones import build_backbone
 from purifytf.evaluation.clean import accuracy, purification_metrics
-from purifytf.hub import ASSETS, load_backbone_dir, untrained_backbone
+from purifytf.hub import ASSETS, backbone_config, load_backbone_dir
 from purifytf.models import SmallCNN
 from purifytf.train.classifier import ClassifierTrainer, heldout_cache, train_heldout_classifier
 from purifytf.train.data import ArrayData, fashion_mnist, read_idx, to_images
@@ -89,21 +91,59 @@ def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[d
         log.write_text(json.dumps(sittings, indent=1) + "\n")
 
 
+def ddpm_architecture(args) -> dict:
+    """The shipped UNet config, with --ddpm-widths / --ddpm-blocks (if given) replacing its widths and depth."""
+    config = copy.deepcopy(backbone_config("fashion-mnist"))
+    if args.ddpm_widths:
+        config["unet"]["block_out_channels"] = list(args.ddpm_widths)
+    if args.ddpm_blocks:
+        config["unet"]["layers_per_block"] = args.ddpm_blocks
+    return config
+
+
+def horizon_from_speed(trainer, seconds: float, probe: int) -> int:
+    """Steps that fit in ``seconds`` at the speed of ``probe`` warm-up steps (the first few, slower, not timed).
+
+    Runs inside the warm-up, whose learning rate does not depend on the horizon, so a later run given the
+    returned number as ``--ddpm-steps`` repeats this one."""
+    if probe >= trainer.config.warmup_steps:
+        raise ValueError(f"the speed probe ({probe} steps) must end inside the warm-up ({trainer.config.warmup_steps})")
+    trainer.fit(stop=probe // 4, progress=False)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.fit(stop=probe, progress=False)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = (probe - probe // 4) / (time.perf_counter() - start)
+    return max(probe + 1, int(seconds * rate))
+
+
 def train_ddpm(args, out: Path) -> None:
     """Trains on t in [1, --ddpm-max-t] (uniform, or towards small t with --ddpm-t-power) towards --ddpm-steps (the
-    cosine horizon), possibly over several sittings: --stop ends a sitting early, --checkpoints keeps the resumable
-    state outside the package, and every sitting exports the EMA weights with their metrics (wall time and steps
-    summed over the sittings; PSNR on the full test set; DiffPurify's effect on two classifiers' clean accuracy)."""
+    cosine horizon; or as many as fit in --ddpm-seconds), possibly over several sittings: --stop ends a sitting early,
+    --checkpoints keeps the resumable state outside the package, and every sitting exports the EMA weights with their
+    metrics (wall time and steps summed over the sittings; PSNR on the full test set; DiffPurify's effect on two
+    classifiers' clean accuracy). --ddpm-init starts the network and its EMA from earlier weights."""
     torch.manual_seed(args.seed)
-    backbone = untrained_backbone("fashion-mnist").to(args.device)
-    config = OptimConfig(steps=args.ddpm_steps, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.0,
-                         betas=(0.9, 0.999), seed=args.seed, checkpoint_every=250)
-    trainer = DDPMTrainer(backbone, fashion_mnist(args.data, "train"), config, ema_decay=0.999,
+    backbone = build_backbone(ddpm_architecture(args)).to(args.device)
+    if args.ddpm_init:
+        safetensors.torch.load_model(backbone, args.ddpm_init / "model.safetensors", strict=True,
+                                     device=str(args.device))
+    config = OptimConfig(steps=args.ddpm_steps, batch_size=args.ddpm_batch_size, lr=args.ddpm_lr,
+                         warmup_steps=args.ddpm_warmup, weight_decay=0.0, betas=(0.9, 0.999), seed=args.seed,
+                         checkpoint_every=250)
+    trainer = DDPMTrainer(backbone, fashion_mnist(args.data, "train"), config, ema_decay=args.ddpm_ema,
                           max_t=args.ddpm_max_t, t_power=args.ddpm_t_power)
     work = args.checkpoints or out / "ddpm"
     if args.resume and (work / STATE_FILE).exists():
         trainer.load(work)
     sittings = read_sittings(work / "sittings.json", args.resume)
+    if args.ddpm_seconds and trainer.step == 0:
+        start = time.perf_counter()
+        config.steps = horizon_from_speed(trainer, args.ddpm_seconds, probe=min(100, config.warmup_steps - 1))
+        sittings.append({"steps": [0, trainer.step], "seconds": round(time.perf_counter() - start, 1),
+                         "threads": torch.get_num_threads(), "device": str(args.device), "note": "speed probe"})
     fit_sitting(trainer, work, min(args.stop or config.steps, config.steps), work / "sittings.json", sittings,
                 args.device)
     if work != out / "ddpm":
@@ -117,7 +157,9 @@ def train_ddpm(args, out: Path) -> None:
     diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)  # the default steps
     purification = {f"diffpure_{k}": v for k, v in slice_metrics(diffpure, args, out).items()}
     record(out / "ddpm", args.seed, sum(s["seconds"] for s in sittings), steps=trainer.step,
-           planned_steps=config.steps, batch_size=config.batch_size, max_t=args.ddpm_max_t, t_power=args.ddpm_t_power,
+           planned_steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
+           ema_decay=args.ddpm_ema, init=str(args.ddpm_init) if args.ddpm_init else None, max_t=args.ddpm_max_t,
+           t_power=args.ddpm_t_power, parameters=sum(p.numel() for p in trainer.model.parameters()),
            sittings=sittings, **psnr, **purification)
 
 
@@ -222,6 +264,17 @@ def main() -> None:
     parser.add_argument("--stop", type=int, help="end this ddpm sitting at this step (resume later with --resume)")
     parser.add_argument("--classifier-steps", type=int, default=2400)
     parser.add_argument("--ddpm-steps", type=int, default=12000, help="total steps (the cosine horizon)")
+    parser.add_argument("--ddpm-seconds", type=float,
+                        help="instead of --ddpm-steps: the horizon that fits this many seconds at the speed measured "
+                             "in the warm-up (recorded as planned_steps; pass it as --ddpm-steps to repeat the run)")
+    parser.add_argument("--ddpm-batch-size", type=int, default=128)
+    parser.add_argument("--ddpm-lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--ddpm-warmup", type=int, default=200, help="linear warm-up steps")
+    parser.add_argument("--ddpm-ema", type=float, default=0.999, help="EMA decay per step of the saved weights")
+    parser.add_argument("--ddpm-init", type=Path,
+                        help="start from these backbone weights (a directory, same architecture)")
+    parser.add_argument("--ddpm-widths", type=int, nargs="+", help="UNet widths per level (default: the shipped ones)")
+    parser.add_argument("--ddpm-blocks", type=int, help="ResNet blocks per level (default: the shipped number)")
     parser.add_argument("--ddpm-max-t", type=int, default=400, help="largest training timestep (valid range)")
     parser.add_argument("--ddpm-t-power", type=float, default=1.0,
                         help="timestep distribution: t = 1 + floor(u ** P * max_t); 1 uniform, > 1 towards small t")

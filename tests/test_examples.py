@@ -70,3 +70,38 @@ def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
     assert {k: recorded[k] for k in ("seconds", "sittings", "pretrain_steps")} == {
         k: trained[k] for k in ("seconds", "sittings", "pretrain_steps")}
     assert recorded["psnr"] != trained["psnr"]
+
+
+def test_ddpm_recipe_options(tmp_path, monkeypatch):
+    """--ddpm-widths/--ddpm-blocks change the architecture, --ddpm-seconds sets the horizon from the warm-up's speed,
+    --ddpm-init starts from earlier weights (with lr 0 the export is exactly those weights)."""
+    import safetensors.torch
+    import torch
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 128), ("t10k", 1000)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    common = ["train_fashion_mnist.py", "--data", str(tmp_path), "--classifier-steps", "2", "--heldout-steps", "2",
+              "--heldout-cache", str(tmp_path / "heldout"), "--metric-images", "4", "--ddpm-widths", "8", "16", "16",
+              "--ddpm-blocks", "1", "--ddpm-batch-size", "16", "--ddpm-warmup", "8"]
+    first = tmp_path / "first"
+    monkeypatch.setattr(sys, "argv", common + ["--out", str(first), "--part", "slice", "classifier", "ddpm",
+                                               "--ddpm-seconds", "0.01"])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    config = json.loads((first / "ddpm" / "config.json").read_text())["unet"]
+    assert config["block_out_channels"] == [8, 16, 16] and config["layers_per_block"] == 1
+    recorded = json.loads((first / "ddpm" / "metrics.json").read_text())
+    assert recorded["planned_steps"] == recorded["steps"] > 7 and recorded["batch_size"] == 16
+    assert recorded["sittings"][0]["note"] == "speed probe" and recorded["sittings"][0]["steps"] == [0, 7]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    for part in ("classifier", "test-slice.npz"):
+        (second / part).symlink_to(first / part)
+    monkeypatch.setattr(sys, "argv", common + ["--out", str(second), "--part", "ddpm", "--ddpm-steps", "3",
+                                               "--ddpm-lr", "0", "--ddpm-init", str(first / "ddpm")])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    start, end = (safetensors.torch.load_file(d / "ddpm" / "model.safetensors") for d in (first, second))
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    assert json.loads((second / "ddpm" / "metrics.json").read_text())["init"] == str(first / "ddpm")

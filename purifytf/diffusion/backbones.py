@@ -37,7 +37,7 @@ def build_backbone(config: dict[str, Any]) -> "Backbone":
 def schedule_config(schedule: NoiseSchedule) -> dict[str, Any]:
     """JSON description of a schedule: the linear DDPM one by name, any other by its table."""
     linear = NoiseSchedule.linear(schedule.num_steps)
-    if torch.allclose(schedule.alphas_cumprod, linear.alphas_cumprod, rtol=1e-9, atol=0):
+    if torch.allclose(schedule.alphas_cumprod.cpu(), linear.alphas_cumprod, rtol=1e-9, atol=0):  # any device
         return {"kind": "linear", "num_steps": schedule.num_steps}
     return {"kind": "table", "alphas_cumprod": schedule.alphas_cumprod.tolist()}
 
