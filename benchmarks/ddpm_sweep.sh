@@ -15,7 +15,7 @@ PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}
 [ -n "$LOCAL" ] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c "import torch, diffusers, kornia, purifytf; print(torch.__version__, diffusers.__version__, torch.cuda.is_available())" || exit 1
 rm -rf .gpu/runs .gpu/ckpt; mkdir -p .gpu/runs .gpu/ckpt
-COMMON="--part ddpm --data .gpu/data --device $DEVICE --threads 2 --heldout-cache .gpu/heldout --resume --ddpm-seconds $SECS"
+COMMON="--part ddpm --data .gpu/data --device $DEVICE --threads 2 --heldout-cache .gpu/heldout --ddpm-seconds $SECS"
 run() {  # name, options...
   local name=$1; shift
   [ -n "$ONLY" ] && [[ "$name" != $ONLY* ]] && return

@@ -78,15 +78,19 @@ def read_sittings(log: Path, resume: bool) -> list[dict]:
     return json.loads(log.read_text()) if resume and log.exists() else []
 
 
+def sitting(trainer, start_step: int, start: float, device, **labels) -> dict:
+    """The record of the steps ``trainer`` took since ``start_step``, begun at ``time.perf_counter()`` ``start``."""
+    return {**labels, "steps": [start_step, trainer.step], "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(), "device": str(device)}
+
+
 def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[dict], device, **labels) -> None:
     """Trains ``trainer`` to step ``stop``, checkpointing to ``directory``; a sitting that trained logs its steps,
     seconds and threads in ``sittings`` and writes them to ``log``."""
     start_step, start = trainer.step, time.perf_counter()
     trainer.fit(directory, stop=stop)
     if trainer.step > start_step:  # a sitting that only re-exports adds nothing
-        seconds = round(time.perf_counter() - start, 1)
-        sittings.append({**labels, "steps": [start_step, trainer.step], "seconds": seconds,
-                         "threads": torch.get_num_threads(), "device": str(device)})
+        sittings.append(sitting(trainer, start_step, start, device, **labels))
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(json.dumps(sittings, indent=1) + "\n")
 
@@ -108,13 +112,9 @@ def horizon_from_speed(trainer, seconds: float, probe: int) -> int:
     returned number as ``--ddpm-steps`` repeats this one."""
     if probe >= trainer.config.warmup_steps:
         raise ValueError(f"the speed probe ({probe} steps) must end inside the warm-up ({trainer.config.warmup_steps})")
-    trainer.fit(stop=probe // 4, progress=False)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
+    trainer.fit(stop=probe // 4, progress=False)  # each step reads its loss back, so the clock sees finished work
     start = time.perf_counter()
     trainer.fit(stop=probe, progress=False)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
     rate = (probe - probe // 4) / (time.perf_counter() - start)
     return max(probe + 1, int(seconds * rate))
 
@@ -142,8 +142,7 @@ def train_ddpm(args, out: Path) -> None:
     if args.ddpm_seconds and trainer.step == 0:
         start = time.perf_counter()
         config.steps = horizon_from_speed(trainer, args.ddpm_seconds, probe=min(100, config.warmup_steps - 1))
-        sittings.append({"steps": [0, trainer.step], "seconds": round(time.perf_counter() - start, 1),
-                         "threads": torch.get_num_threads(), "device": str(args.device), "note": "speed probe"})
+        sittings.append(sitting(trainer, 0, start, args.device, note="speed probe"))
     fit_sitting(trainer, work, min(args.stop or config.steps, config.steps), work / "sittings.json", sittings,
                 args.device)
     if work != out / "ddpm":
