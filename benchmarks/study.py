@@ -21,6 +21,7 @@ purifiers with), is trained once, reproducibly, into ``--cache``.
     python benchmarks/study.py ... --convergence [ROW ...]                     # steps and EOT doubled on a subset
     python benchmarks/study.py --images 64 --rows "DiffPurify DDIM t*=0.1" "SaliencyDiffPurify default" --threats linf
     torchrun --standalone --nproc_per_node 8 benchmarks/study.py ...            # 8 processes share the batches
+    python benchmarks/study.py ... --records-only                               # the tables from the records, no attack
 
 Writes per-image records under ``--records`` (default ``benchmarks/results/study/``),
 ``benchmarks/results/study.json`` and ``benchmarks/results/study.md`` (the tables for MODEL_CARD.md and README).
@@ -49,6 +50,7 @@ from purifytf import DefendedModel, create_purifier
 from purifytf.attacks import AttackSettings, parse_attacks
 from purifytf.classifiers import fashion_mnist_cnn
 from purifytf.evaluation import default_device, distributed, evaluate, load_dataset, load_records
+from purifytf.evaluation.harness import RUN_FILE
 from purifytf.evaluation.stats import paired_comparison, wilson_interval
 from purifytf.nfe import count_nfe
 from purifytf.saliency import find_stages
@@ -214,18 +216,21 @@ def _row_info(purifier: nn.Module | None, images: torch.Tensor) -> dict:
 
 
 def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset, budget: Budget,
-            records: Path, scale: int = 1, limit: int | None = None, progress: bool = True) -> dict:
+            records: Path, scale: int = 1, limit: int | None = None, progress: bool = True,
+            attack: bool = True) -> dict | None:
     """Evaluate one row (every attacked version) and return its per-image outcomes and cost.
 
     Returns ``name``, ``indices``, ``clean`` and ``robust`` (per image, in index order), ``per_attack``
     (attack name -> per-image robustness, minimum over the attacked versions), ``nfe``,
-    ``seconds_per_image`` (all attacked versions) and ``info`` (:func:`_row_info`).
+    ``seconds_per_image`` (the attacked versions), ``attacked`` (the versions counted) and ``info``
+    (:func:`_row_info`). ``attack=False`` runs no attack: only the attacked versions whose records are complete
+    count (fewer than all: robust accuracy is an upper bound), and a row with none returns ``None``.
     """
     settings = budget.settings(threat, scale)
     attacks = parse_attacks(",".join(f"{a}@{row.view}" if row.view != "adaptive" else a
                                      for a in THREATS[threat]["attacks"].split(",")))
     sample = dataset[0][0][None].to(next(classifier.parameters()).device)
-    outcomes = []
+    outcomes, counted = [], []
     for k, overrides in enumerate(row.attacked):
         purifier = make_purifier(row.variant, classifier, **{**row.settings, **overrides})
         purifier = purifier.to(sample.device) if purifier is not None else None
@@ -235,12 +240,18 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         defended = DefendedModel(purifier, classifier, runs=budget.runs, normalize=None)
         folder = records / classifier_name / (threat if scale == 1 else f"{threat}-x{scale}") / _slug(row.name)
         folder = folder / f"attacked-{k}" if len(row.attacked) > 1 else folder
+        if not attack and not (folder / RUN_FILE).exists():
+            continue
         config = {"row": row.name, "variant": row.variant, "row_settings": {**row.settings, **overrides},
                   "purifier": _resolved(purifier), "view": row.view, "classifier": classifier_name}
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
-                 batch_size=budget.batch_size, config=config, progress=progress)
+                 batch_size=budget.batch_size, config=config, progress=progress, run_missing=attack)
         found = load_records(folder)
-        outcomes.append([found[i] for i in indices])
+        if all(i in found for i in indices):
+            outcomes.append([found[i] for i in indices])
+            counted.append(overrides)
+    if not outcomes:
+        return None
     first = outcomes[0]
     info = _row_info(purifier, torch.stack([dataset[i][0] for i in indices]).to(sample.device))
     return {
@@ -251,7 +262,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
                        for a in attacks},
         "nfe": first[0]["nfe"] if first else 0,
         "seconds_per_image": sum(sum(r["seconds"] for r in o) / len(o) for o in outcomes),
-        "info": info,
+        "attacked": counted, "info": info,
     }
 
 
@@ -274,7 +285,8 @@ def summarize_row(result: dict, row: Row, by_name: dict[str, dict]) -> dict:
     """A row of study.json: accuracies with Wilson intervals, cost, paired comparisons with its baselines."""
     return {
         "name": result["name"], "variant": row.variant, "settings": row.settings, "view": row.view,
-        "attacked": list(row.attacked), "n": len(result["indices"]), "nfe": result["nfe"],
+        "attacked": result["attacked"], "upper_bound": len(result["attacked"]) < len(row.attacked),
+        "n": len(result["indices"]), "nfe": result["nfe"],
         "seconds_per_image": result["seconds_per_image"], "clean": _accuracy(result["clean"]),
         "robust": _accuracy(result["robust"]),
         "robust_per_attack": {name: _accuracy(v) for name, v in result["per_attack"].items()},
@@ -284,8 +296,9 @@ def summarize_row(result: dict, row: Row, by_name: dict[str, dict]) -> dict:
 
 def run_study(rows: list[Row], classifiers: dict[str, nn.Module], threats: list[str], dataset: Dataset,
               budget: Budget, records: Path, rows_per_classifier: dict[str, tuple[str, ...]] | None = None,
-              progress: bool = True) -> dict:
-    """Every (classifier, threat, row); returns ``{"tables": [...]}``, one table per classifier and threat."""
+              progress: bool = True, attack: bool = True) -> dict:
+    """Every (classifier, threat, row); returns ``{"tables": [...]}``, one table per classifier and threat
+    (``attack=False``: from the records there are, see :func:`run_row`)."""
     jobs = [(c, t, r) for c in classifiers for t in threats for r in rows
             if rows_per_classifier is None or c not in rows_per_classifier or r.name in rows_per_classifier[c]]
     results: dict[tuple[str, str], dict[str, dict]] = {}
@@ -293,8 +306,9 @@ def run_study(rows: list[Row], classifiers: dict[str, nn.Module], threats: list[
     for classifier_name, threat, row in bar:
         bar.set_postfix_str(f"{classifier_name} {threat} {row.name}"[:60])
         result = run_row(row, classifiers[classifier_name], classifier_name, threat, dataset, budget, records,
-                         progress=progress)
-        results.setdefault((classifier_name, threat), {})[row.name] = result
+                         progress=progress, attack=attack)
+        if result is not None:
+            results.setdefault((classifier_name, threat), {})[row.name] = result
     by_row = {r.name: r for r in rows}
     tables = [{"classifier": c, "threat": t, "title": THREATS[t]["title"], "attacks": THREATS[t]["attacks"],
                "rows": [summarize_row(res, by_row[name], found) for name, res in found.items()]}
@@ -303,14 +317,16 @@ def run_study(rows: list[Row], classifiers: dict[str, nn.Module], threats: list[
 
 
 def convergence(rows: list[Row], classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset,
-                budget: Budget, records: Path, images: int, progress: bool = True) -> list[dict]:
+                budget: Budget, records: Path, images: int, progress: bool = True, attack: bool = True) -> list[dict]:
     """Robust accuracy at the study's budget and with steps and EOT doubled, on the first ``images`` images:
     the paired difference (doubled minus study budget) should lie within 1 point. The row at the study's budget
     is evaluated in full (its records and summary stay the study's row); only the doubled run is a subset."""
     report = []
     for row in rows:
         base, doubled = (run_row(row, classifier, classifier_name, threat, dataset, budget, records, scale,
-                                 images if scale > 1 else None, progress) for scale in (1, 2))
+                                 images if scale > 1 else None, progress, attack) for scale in (1, 2))
+        if base is None or doubled is None:
+            continue
         difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
         report.append({"name": row.name, "threat": threat, "n": difference["n"],
                        "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
@@ -356,6 +372,10 @@ def markdown(study: dict) -> str:
             comparisons = row["comparisons"] or [None]
             notes = f" (tau {row['tau']:.3g})" if row.get("tau") is not None else ""
             notes += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
+            if row.get("upper_bound"):
+                versions = "; ".join(", ".join(f"{k}={v}" for k, v in version.items()) or "the row's settings"
+                                     for version in row["attacked"])
+                notes += f" (upper bound: attacked with {versions} only)"
             for i, c in enumerate(comparisons):
                 head = (f"| {row['name']}{notes} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
                         f"{_with_interval(row['clean'])} | {_with_interval(row['robust'])} |"
@@ -396,6 +416,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--device", help="default: cuda if available (torchrun: GPU LOCAL_RANK mod GPUs), else cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--records-only", action="store_true",
+                        help="run no attack: the tables from the records there are (rows with none are left out; a "
+                             "row with some attacked versions incomplete is reported on the others, as an upper "
+                             "bound)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,11 +452,12 @@ def _run(args: argparse.Namespace, budget: Budget, device: torch.device, rank: i
     dataset = load_dataset("bundled:fashion-mnist")
     start = time.perf_counter()
     study = run_study(rows, classifiers, args.threats, dataset, budget, args.records,
-                      {"heldout": SECOND_CLASSIFIER_ROWS}, progress=progress)
+                      {"heldout": SECOND_CLASSIFIER_ROWS}, progress=progress, attack=not args.records_only)
     if args.convergence is not None:
         chosen = [r for r in rows if r.name in (args.convergence or CONVERGENCE_ROWS)]
         study["convergence"] = [c for t in args.threats for c in convergence(
-            chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images, progress)]
+            chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images, progress,
+            not args.records_only)]
     if rank > 0:
         return None
     return study | {"budget": asdict(budget), "device": str(device),

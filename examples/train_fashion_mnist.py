@@ -42,10 +42,17 @@ PARTS = ("slice", "classifier", "ddpm", "impure", "ssni")
 SLICE_SIZE = 1000
 
 
-def record(directory: Path, seed: int, seconds: float, **metrics) -> None:
-    write_metrics(directory, {"seed": seed, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+def device_name(device) -> str:
+    """``device`` as recorded: ``cpu``, or ``cuda:0 (NVIDIA H200)`` with the GPU's name."""
+    device = torch.device(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def record(directory: Path, args, seconds: float, **metrics) -> None:
+    """``metrics.json``: seed, seconds, CPU threads, machine and the device that trained."""
+    write_metrics(directory, {"seed": args.seed, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                              "device": "cuda" if torch.cuda.is_available() else "cpu", **metrics})
+                              "device": device_name(args.device), **metrics})
 
 
 def write_metrics(directory: Path, info: dict) -> None:
@@ -69,7 +76,7 @@ def train_classifier(args, out: Path) -> None:
     ClassifierTrainer(model, fashion_mnist(args.data, "train"), config).fit(out / "classifier")
     seconds = time.perf_counter() - start
     (out / "classifier" / "training_state.pt").unlink()
-    record(out / "classifier", args.seed, seconds, steps=config.steps, batch_size=config.batch_size,
+    record(out / "classifier", args, seconds, steps=config.steps, batch_size=config.batch_size,
            test_accuracy=accuracy(model, fashion_mnist(args.data, "test")))
 
 
@@ -81,7 +88,7 @@ def read_sittings(log: Path, resume: bool) -> list[dict]:
 def sitting(trainer, start_step: int, start: float, device, **labels) -> dict:
     """The record of the steps ``trainer`` took since ``start_step``, begun at ``time.perf_counter()`` ``start``."""
     return {**labels, "steps": [start_step, trainer.step], "seconds": round(time.perf_counter() - start, 1),
-            "threads": torch.get_num_threads(), "device": str(device)}
+            "threads": torch.get_num_threads(), "device": device_name(device)}
 
 
 def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[dict], device, **labels) -> None:
@@ -155,7 +162,7 @@ def train_ddpm(args, out: Path) -> None:
             for t in (100, 200, 400) if t <= args.ddpm_max_t}
     diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)  # the default steps
     purification = {f"diffpure_{k}": v for k, v in slice_metrics(diffpure, args, out).items()}
-    record(out / "ddpm", args.seed, sum(s["seconds"] for s in sittings), steps=trainer.step,
+    record(out / "ddpm", args, sum(s["seconds"] for s in sittings), steps=trainer.step,
            planned_steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
            ema_decay=args.ddpm_ema, init=str(args.ddpm_init) if args.ddpm_init else None, max_t=args.ddpm_max_t,
            t_power=args.ddpm_t_power, parameters=sum(p.numel() for p in trainer.model.parameters()),
@@ -163,8 +170,21 @@ def train_ddpm(args, out: Path) -> None:
 
 
 def impure_overrides(args) -> dict:
-    """The shipped network: the tiny preset with noise ranges for 28 x 28 images (see MODEL_CARD.md)."""
-    return {"train_image_t": args.impure_train_image_t, "train_feature_t": args.impure_train_feature_t}
+    """The shipped network: the tiny preset with noise ranges for 28 x 28 images (see MODEL_CARD.md), and the
+    :class:`~purifytf.models.MAEConfig` fields of ``--impure-architecture``."""
+    return {**args.impure_architecture, "train_image_t": args.impure_train_image_t,
+            "train_feature_t": args.impure_train_feature_t}
+
+
+def field_value(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` with a JSON value (``patch_size=2``, ``fuse_indices=[0,2]``) -> ``(field, value)``."""
+    field, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be JSON (a number or a list)") from None
 
 
 def train_impure(args, out: Path) -> None:
@@ -187,7 +207,7 @@ def train_impure(args, out: Path) -> None:
     done = {}
     for stage, steps, loss in (("pretrain", args.impure_pretrain_steps, None),
                                ("finetune", args.impure_finetune_steps, perceptual)):
-        config = TrainConfig(stage=stage, steps=steps, batch_size=64, lr=args.impure_lr,
+        config = TrainConfig(stage=stage, steps=steps, batch_size=args.impure_batch_size, lr=args.impure_lr,
                              warmup_steps=min(100, steps // 10), seed=args.seed, checkpoint_every=200,
                              attack_eps=8 / 255, attack_steps=5)
         trainer = IMPureTrainer(purifier, data, config, classifier=classifier, perceptual=loss)
@@ -235,8 +255,8 @@ def slice_metrics(purifier: nn.Module, args, out: Path) -> dict:
 def record_impure(args, out: Path, seconds: float, **extra) -> None:
     """IMPurify's training record with its :func:`slice_metrics`."""
     metrics = slice_metrics(IMPurify.from_pretrained(out / "impure").to(args.device), args, out)
-    record(out / "impure", args.seed, seconds, **extra, perceptual_weight=args.impure_perceptual_weight,
-           batch_size=64, **metrics)
+    record(out / "impure", args, seconds, **extra, perceptual_weight=args.impure_perceptual_weight,
+           batch_size=args.impure_batch_size, **metrics)
 
 
 def train_ssni(args, out: Path) -> None:
@@ -247,7 +267,7 @@ def train_ssni(args, out: Path) -> None:
     stats = ssni.calibrate(images, batch_size=250, generator=torch.Generator().manual_seed(args.seed))
     (out / "ssni").mkdir(exist_ok=True)
     (out / "ssni" / "stats.json").write_text(json.dumps({"eps_steps": ssni.eps_steps, **stats}, indent=2) + "\n")
-    record(out / "ssni", args.seed, time.perf_counter() - start, images=args.ssni_images)
+    record(out / "ssni", args, time.perf_counter() - start, images=args.ssni_images)
 
 
 def main() -> None:
@@ -286,6 +306,9 @@ def main() -> None:
     parser.add_argument("--impure-train-image-t", type=float, nargs=2, default=[0.0, 0.3], help="training [lo, hi)")
     parser.add_argument("--impure-train-feature-t", type=float, nargs=2, default=[0.0, 0.6])
     parser.add_argument("--impure-lr", type=float, default=5e-4)
+    parser.add_argument("--impure-batch-size", type=int, default=64)
+    parser.add_argument("--impure-architecture", type=field_value, nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="MAEConfig fields replacing the tiny preset's, e.g. patch_size=2 depth=6 (JSON values)")
     parser.add_argument("--impure-init", type=Path, help="start from these IMPurify weights (a directory)")
     parser.add_argument("--impure-checkpoints", type=Path,
                         help="resumable impure state (default: <out>/impure-checkpoints, removed when done)")
@@ -300,6 +323,7 @@ def main() -> None:
                         help="test-slice images for the purification metrics (all by default)")
     parser.add_argument("--ssni-images", type=int, default=2000)
     args = parser.parse_args()
+    args.impure_architecture = dict(args.impure_architecture)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

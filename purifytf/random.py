@@ -76,19 +76,20 @@ Source = torch.Generator | SampleStreams | None
 """What a ``generator`` argument of a purifier takes (see the module doc)."""
 
 
+def _draw(x: Tensor, generator: Source, normal: bool) -> Tensor:
+    if isinstance(generator, SampleStreams):
+        return generator.draw(x, normal)
+    if generator is None:
+        return torch.randn_like(x) if normal else torch.rand_like(x)
+    draw = torch.randn if normal else torch.rand
+    return draw(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
 def randn_like(x: Tensor, generator: Source) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn from ``generator`` (see the module doc)."""
-    if isinstance(generator, SampleStreams):
-        return generator.draw(x, normal=True)
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return _draw(x, generator, normal=True)
 
 
 def rand_like(x: Tensor, generator: Source) -> Tensor:
     """Uniform [0, 1) noise shaped like ``x``, drawn from ``generator`` (see the module doc)."""
-    if isinstance(generator, SampleStreams):
-        return generator.draw(x, normal=False)
-    if generator is None:
-        return torch.rand_like(x)
-    return torch.rand(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return _draw(x, generator, normal=False)

@@ -32,12 +32,17 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
-    """The recipe of the shipped models, in miniature: every part trains, saves and records itself."""
+def write_fake_fashion_mnist(folder: Path) -> None:
+    """Random images in the four IDX files of Fashion-MNIST: 128 training and 1,000 test images."""
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 128), ("t10k", 1000)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
+    """The recipe of the shipped models, in miniature: every part trains, saves and records itself."""
+    write_fake_fashion_mnist(tmp_path)
     out = tmp_path / "zoo"
     argv = ["train_fashion_mnist.py", "--data", str(tmp_path), "--out", str(out), "--classifier-steps", "2",
             "--ddpm-steps", "2", "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1",
@@ -78,10 +83,7 @@ def test_ddpm_recipe_options(tmp_path, monkeypatch):
     import safetensors.torch
     import torch
 
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 128), ("t10k", 1000)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    write_fake_fashion_mnist(tmp_path)
     common = ["train_fashion_mnist.py", "--data", str(tmp_path), "--classifier-steps", "2", "--heldout-steps", "2",
               "--heldout-cache", str(tmp_path / "heldout"), "--metric-images", "4", "--ddpm-widths", "8", "16", "16",
               "--ddpm-blocks", "1", "--ddpm-batch-size", "16", "--ddpm-warmup", "8"]
@@ -105,3 +107,29 @@ def test_ddpm_recipe_options(tmp_path, monkeypatch):
     start, end = (safetensors.torch.load_file(d / "ddpm" / "model.safetensors") for d in (first, second))
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
     assert json.loads((second / "ddpm" / "metrics.json").read_text())["init"] == str(first / "ddpm")
+
+
+def test_impure_recipe_options(tmp_path, monkeypatch):
+    """--impure-architecture replaces fields of the tiny preset (patch size 2: a 14 x 14 grid), --impure-batch-size
+    the batch; both are saved (config.json, metrics.json) and the weights load back; a malformed field is refused."""
+    from purifytf import IMPurify
+
+    write_fake_fashion_mnist(tmp_path)
+    out = tmp_path / "zoo"
+    argv = ["train_fashion_mnist.py", "--data", str(tmp_path), "--out", str(out), "--classifier-steps", "2",
+            "--heldout-steps", "2", "--heldout-cache", str(tmp_path / "heldout"), "--metric-images", "4",
+            "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1", "--impure-batch-size", "8"]
+    monkeypatch.setattr(sys, "argv", argv + ["--part", "slice", "classifier", "impure", "--impure-architecture",
+                                             "patch_size=2", "depth=3", "fuse_indices=[0,1]"])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    recorded = json.loads((out / "impure" / "metrics.json").read_text())
+    assert recorded["batch_size"] == 8 and recorded["device"] == "cpu"
+    assert recorded["overrides"]["patch_size"] == 2 and recorded["overrides"]["fuse_indices"] == [0, 1]
+    network = IMPurify.from_pretrained(out / "impure").network
+    assert (network.config.patch_size, network.config.depth, network.config.fuse_indices) == (2, 3, (0, 1))
+    assert network.grid(28, 28) == (14, 14)
+
+    monkeypatch.setattr(sys, "argv", argv + ["--part", "impure", "--impure-architecture", "patch_size:2"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(RECIPE), run_name="__main__")
+

@@ -1,5 +1,6 @@
 """benchmarks/study.py: a tiny study end to end, resuming after an interruption, tables that agree with stats.py."""
 
+import functools
 import importlib.util
 import json
 import sys
@@ -67,6 +68,28 @@ def test_tiny_study_end_to_end(tmp_path, classifier, dataset):
         assert expected["accuracy"] == sum(outcomes) / 4
         assert tuple(expected["interval"]) == wilson_interval(sum(outcomes), 4)
     assert set(jpeg["robust_per_attack"]) == {"pgd-eot-linf", "autoattack-rand"}
+
+
+def test_records_only_reports_the_complete_records_without_attacking(tmp_path, classifier, dataset):
+    """--records-only: the same tables as the run that made the records; a row with an incomplete attacked version is
+    reported on the other one, marked an upper bound; a row never run is left out; no record is added."""
+    run = functools.partial(study.run_study, classifiers={"cnn": classifier}, threats=["linf"], dataset=dataset,
+                            budget=TINY, records=tmp_path, progress=False)
+    full = run(ROWS[1:])
+    assert run(ROWS, attack=False) == full  # "no defence" never ran: left out
+    version = tmp_path / "cnn/linf/jpeg-attacked-twice/attacked-1/images.jsonl"
+    version.write_text("".join(version.read_text().splitlines(keepends=True)[:-1]))
+    before = _all_records(tmp_path)
+    (table,) = run(ROWS, attack=False)["tables"]
+    assert _all_records(tmp_path) == before
+    jpeg = {r["name"]: r for r in table["rows"]}["JPEG, attacked twice"]
+    assert jpeg["upper_bound"] and jpeg["attacked"] == [{}]
+    first = load_records(tmp_path / "cnn/linf/jpeg-attacked-twice/attacked-0")
+    assert jpeg["robust"]["accuracy"] == sum(first[i]["robust"] for i in range(4)) / 4
+    assert [r["upper_bound"] for r in table["rows"]] == [False, True]
+    assert "upper bound" not in study.markdown({**full, "budget": asdict(TINY), "machine": ""})
+    text = study.markdown({"tables": [table], "budget": asdict(TINY), "machine": ""})
+    assert "| JPEG, attacked twice (upper bound: attacked with the row's settings only) | 4 |" in text
 
 
 def test_paired_numbers_of_the_table_agree_with_stats(tmp_path, classifier, dataset):

@@ -181,7 +181,8 @@ def _barrier() -> None:
 
 def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack], output: str | Path, *,
              settings: AttackSettings | None = None, indices: Sequence[int] | None = None, seed: int = 0,
-             batch_size: int = 32, config: dict | None = None, progress: bool = True) -> dict | None:
+             batch_size: int = 32, config: dict | None = None, progress: bool = True,
+             run_missing: bool = True) -> dict | None:
     """Evaluate ``defended`` on ``dataset[indices]`` (default: all) under ``attacks``.
 
     ``indices`` are cut into batches of ``batch_size`` in order; a batch runs with seed ``seed`` + its
@@ -189,7 +190,8 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     a rerun redoes the batches with a missing record (same batch, same seed, same results) and writes
     only the missing records. Under ``torch.distributed`` each rank takes every ``world``-th of those
     batches; rank 0 gathers the records and writes the summary. ``config`` (JSON-able) joins the
-    recorded run configuration. Returns the summary on rank 0, ``None`` on other ranks.
+    recorded run configuration. ``run_missing=False`` runs nothing: it checks the configuration and summarises
+    the records there are. Returns the summary on rank 0, ``None`` on other ranks.
     """
     settings = settings or AttackSettings()
     if batch_size < 1:
@@ -207,7 +209,7 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     done = load_records(output)
     _barrier()  # every rank has read the same finished set before any rank adds to it
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    mine = [b for b in batches if any(i not in done for i in b)][rank::world]
+    mine = [b for b in batches if run_missing and any(i not in done for i in b)][rank::world]
     new = _evaluate_batches(defended, dataset, mine, done, attacks, settings, seed, output, rank, progress)
     if world > 1:
         gathered = [None] * world if rank == 0 else None
