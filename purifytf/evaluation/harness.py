@@ -190,8 +190,8 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     a rerun redoes the batches with a missing record (same batch, same seed, same results) and writes
     only the missing records. Under ``torch.distributed`` each rank takes every ``world``-th of those
     batches; rank 0 gathers the records and writes the summary. ``config`` (JSON-able) joins the
-    recorded run configuration. ``run_missing=False`` runs nothing: it checks the configuration and summarises
-    the records there are. Returns the summary on rank 0, ``None`` on other ranks.
+    recorded run configuration. ``run_missing=False`` runs nothing and writes nothing: it checks the
+    configuration and summarises the records there are. Returns the summary on rank 0, ``None`` on other ranks.
     """
     settings = settings or AttackSettings()
     if batch_size < 1:
@@ -219,8 +219,9 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
         return None
     records = {**done, **{r["index"]: r for r in new}}
     summary = summarize([records[i] for i in indices if i in records], attacks, run_config)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (output / "summary.md").write_text(summary_markdown(summary))
+    if run_missing:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (output / "summary.md").write_text(summary_markdown(summary))
     return summary
 
 
