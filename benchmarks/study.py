@@ -232,16 +232,16 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
     sample = dataset[0][0][None].to(next(classifier.parameters()).device)
     outcomes, counted = [], []
     for k, overrides in enumerate(row.attacked):
+        folder = records / classifier_name / (threat if scale == 1 else f"{threat}-x{scale}") / _slug(row.name)
+        folder = folder / f"attacked-{k}" if len(row.attacked) > 1 else folder
+        if not attack and not (folder / RUN_FILE).exists():
+            continue  # never run: no purifier to build
         purifier = make_purifier(row.variant, classifier, **{**row.settings, **overrides})
         purifier = purifier.to(sample.device) if purifier is not None else None
         nfe = _nfe(purifier, sample)
         n = min(budget.images_for(nfe), limit or budget.images, len(dataset))
         indices = list(range(n))
         defended = DefendedModel(purifier, classifier, runs=budget.runs, normalize=None)
-        folder = records / classifier_name / (threat if scale == 1 else f"{threat}-x{scale}") / _slug(row.name)
-        folder = folder / f"attacked-{k}" if len(row.attacked) > 1 else folder
-        if not attack and not (folder / RUN_FILE).exists():
-            continue
         config = {"row": row.name, "variant": row.variant, "row_settings": {**row.settings, **overrides},
                   "purifier": _resolved(purifier), "view": row.view, "classifier": classifier_name}
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,

@@ -132,4 +132,3 @@ def test_impure_recipe_options(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv + ["--part", "impure", "--impure-architecture", "patch_size:2"])
     with pytest.raises(SystemExit):
         runpy.run_path(str(RECIPE), run_name="__main__")
-
