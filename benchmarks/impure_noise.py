@@ -27,7 +27,7 @@ from purifytf.data import ArrayData
 from purifytf.evaluation import load_dataset
 from purifytf.evaluation.clean import purification_metrics
 from purifytf.hub import companion_file
-from purifytf.train.classifier import heldout_cache, train_heldout_classifier
+from purifytf.train.classifier import train_heldout_classifier
 from purifytf.train.data import FASHION_MNIST_IDX, fashion_mnist
 
 HERE = Path(__file__).parent
@@ -72,7 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="IMAGE_T/FEATURE_T")
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--cache", type=Path, default=heldout_cache(), help="the held-out classifier's folder")
+    parser.add_argument("--cache", type=Path, default=HERE / "results" / "heldout-classifier",
+                        help="the held-out classifier's folder (the study's, committed; trained into it if empty)")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX,
                         help="Fashion-MNIST IDX files (to train the held-out classifier)")
     parser.add_argument("--threads", type=int)

@@ -14,8 +14,10 @@ interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threa
 sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
 and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
 held-out ``AllConvNet`` no purifier setting was tuned on
-(:func:`purifytf.train.classifier.train_heldout_classifier`, the same one the training recipe checks its
-purifiers with), is trained once, reproducibly, into ``--cache``.
+(:func:`purifytf.train.classifier.train_heldout_classifier`, the same recipe the training recipe checks its
+purifiers with), is committed in ``results/heldout-classifier/`` (``--cache``): retraining it on another machine
+gives another network, and every run records its classifier's weights digest, so records of two networks never
+pair.
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence [ROW ...]                     # steps and EOT doubled on a subset
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -54,10 +57,13 @@ from purifytf.evaluation.harness import RUN_FILE
 from purifytf.evaluation.stats import paired_comparison, wilson_interval
 from purifytf.nfe import count_nfe
 from purifytf.saliency import find_stages
-from purifytf.train.classifier import heldout_cache, train_heldout_classifier
+from purifytf.train.classifier import train_heldout_classifier
 from purifytf.train.data import FASHION_MNIST_IDX, fashion_mnist
 
 RESULTS = Path(__file__).parent / "results"
+HELDOUT_CLASSIFIER = RESULTS / "heldout-classifier"
+"""The held-out classifier the study's records were made with, committed: its training is reproducible on one
+machine, not bitwise across machines, and records pair only if every row used the same network."""
 
 THREATS: dict[str, dict[str, Any]] = {
     "linf": {"title": "Linf 8/255", "attacks": "pgd-eot-linf,autoattack-rand", "norm": "Linf"},
@@ -202,6 +208,17 @@ def _resolved(purifier: nn.Module | None) -> str | None:
     return purifier.extra_repr() + (f"; base: {base.extra_repr()}" if base is not None else "")
 
 
+def weights_digest(module: nn.Module) -> str:
+    """A short sha256 of ``module``'s parameters and buffers (names, dtypes, shapes, values): recorded with every
+    run, so that records made with another network (e.g. a held-out classifier retrained elsewhere) are refused."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _row_info(purifier: nn.Module | None, images: torch.Tensor) -> dict:
     """What a row states beside its accuracies: SSNI's temperature ``tau`` (the given one or the calibrated
     score-norm std it defaults to) and SaliencyDiffPurify's ``mask_density``, the mean of its mask over the
@@ -243,7 +260,8 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         indices = list(range(n))
         defended = DefendedModel(purifier, classifier, runs=budget.runs, normalize=None)
         config = {"row": row.name, "variant": row.variant, "row_settings": {**row.settings, **overrides},
-                  "purifier": _resolved(purifier), "view": row.view, "classifier": classifier_name}
+                  "purifier": _resolved(purifier), "view": row.view, "classifier": classifier_name,
+                  "classifier_weights": weights_digest(classifier)}
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
                  batch_size=budget.batch_size, config=config, progress=progress, run_missing=attack)
         found = load_records(folder)
@@ -352,6 +370,40 @@ def _difference(comparison: dict) -> str:
             f"p = {comparison['p_value']:.3g} ({comparison['only_a']}/{comparison['only_b']})")
 
 
+def _row_label(row: dict) -> str:
+    """The row's name with what it states beside it: SSNI's tau, a saliency mask's density, an upper bound."""
+    label = row["name"] + (f" (tau {row['tau']:.3g})" if row.get("tau") is not None else "")
+    label += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
+    if row.get("upper_bound"):
+        versions = "; ".join(", ".join(f"{k}={v}" for k, v in version.items()) or "the row's settings"
+                             for version in row["attacked"])
+        label += f" (upper bound: attacked with {versions} only)"
+    return label
+
+
+def _accuracy_table(table: dict) -> list[str]:
+    """Per row: images, NFE, cost, clean and robust accuracy, and the robust accuracy each attack alone leaves
+    (the table MODEL_CARD.md and README show)."""
+    attacks = table["attacks"].split(",")
+    lines = ["| defence | n | NFE | s / image | clean % [95 % CI] | robust % [95 % CI] | "
+             + " | ".join(f"{a} only" for a in attacks) + " |", "|---|" + "---:|" * (5 + len(attacks))]
+    for row in table["rows"]:
+        alone = " | ".join(_pct(acc["accuracy"]) for acc in row["robust_per_attack"].values())
+        lines.append(f"| {_row_label(row)} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
+                     f"{_with_interval(row['clean'])} | {_with_interval(row['robust'])} | {alone} |")
+    return lines
+
+
+def _difference_table(table: dict) -> list[str]:
+    """Per row and each row it is compared with: the paired robust and clean differences."""
+    lines = ["| defence | compared with | robust difference | clean difference |", "|---|---|---|---|"]
+    for row in table["rows"]:
+        for i, c in enumerate(row["comparisons"]):
+            lines.append(f"| {row['name'] if i == 0 else ''} | {c['vs']} (n {c['n']}) | {_difference(c['robust'])} | "
+                         f"{_difference(c['clean'])} |")
+    return lines
+
+
 def markdown(study: dict) -> str:
     """The study's tables (accuracies and differences in points)."""
     b = study["budget"]
@@ -365,24 +417,11 @@ def markdown(study: dict) -> str:
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed."]
     for table in study["tables"]:
-        lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", "",
-                  "| defence | n | NFE | s / image | clean | robust | compared with | "
-                  "robust difference | clean difference |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
-        for row in table["rows"]:
-            comparisons = row["comparisons"] or [None]
-            notes = f" (tau {row['tau']:.3g})" if row.get("tau") is not None else ""
-            notes += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
-            if row.get("upper_bound"):
-                versions = "; ".join(", ".join(f"{k}={v}" for k, v in version.items()) or "the row's settings"
-                                     for version in row["attacked"])
-                notes += f" (upper bound: attacked with {versions} only)"
-            for i, c in enumerate(comparisons):
-                head = (f"| {row['name']}{notes} | {row['n']} | {row['nfe']} | {row['seconds_per_image']:.2f} | "
-                        f"{_with_interval(row['clean'])} | {_with_interval(row['robust'])} |"
-                        if i == 0 else "| | | | | | |")
-                tail = (f" {c['vs']} (n {c['n']}) | {_difference(c['robust'])} | {_difference(c['clean'])} |"
-                        if c else " | | |")
-                lines.append(head + tail)
+        lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", ""]
+        lines += _accuracy_table(table)
+        if any(row["comparisons"] for row in table["rows"]):
+            lines += ["", "Paired differences (the row minus the row it is compared with):", ""]
+            lines += _difference_table(table)
     if study.get("convergence"):
         lines += ["", "### Attack-strength convergence (steps and EOT doubled)", "",
                   "| defence | threat | n | robust | robust, doubled | difference | within 1 point |",
@@ -410,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--convergence-images", type=int, default=128)
     parser.add_argument("--records", type=Path, default=RESULTS / "study")
     parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
-    parser.add_argument("--cache", type=Path, default=heldout_cache(), help="the held-out classifier's folder")
+    parser.add_argument("--cache", type=Path, default=HELDOUT_CLASSIFIER,
+                        help="the held-out classifier's folder (trained into it if empty)")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST_IDX,
                         help="Fashion-MNIST IDX files (to train the held-out classifier)")
     parser.add_argument("--device", help="default: cuda if available (torchrun: GPU LOCAL_RANK mod GPUs), else cpu")
@@ -464,7 +504,8 @@ def _run(args: argparse.Namespace, budget: Budget, device: torch.device, rank: i
                     "minutes_this_sitting": (time.perf_counter() - start) / 60,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, {world} x {torch.get_num_threads()} "
                                f"threads, torch {torch.__version__}, {device.type}",
-                    "records": str(args.records), "heldout_classifier": _metrics(args.cache)}
+                    "records": str(args.records),
+                    "heldout_classifier": _metrics(args.cache) if "heldout" in args.classifiers else None}
 
 
 def _metrics(cache: Path) -> dict | None:
