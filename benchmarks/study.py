@@ -14,7 +14,7 @@ interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threa
 sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
 and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
 held-out ``AllConvNet`` no purifier setting was tuned on
-(:func:`purifytf.train.classifier.train_heldout_classifier`, the same recipe the training recipe checks its
+(:func:`purifytf.train.classifier.train_heldout_classifier`, the recipe the training example also checks its
 purifiers with), is committed in ``results/heldout-classifier/`` (``--cache``): retraining it on another machine
 gives another network, and every run records its classifier's weights digest, so records of two networks never
 pair.
@@ -502,10 +502,18 @@ def _run(args: argparse.Namespace, budget: Budget, device: torch.device, rank: i
         return None
     return study | {"budget": asdict(budget), "device": str(device),
                     "minutes_this_sitting": (time.perf_counter() - start) / 60,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {world} x {torch.get_num_threads()} "
-                               f"threads, torch {torch.__version__}, {device.type}",
+                    "machine": _machine(device, world, args.records_only),
                     "records": str(args.records),
                     "heldout_classifier": _metrics(args.cache) if "heldout" in args.classifiers else None}
+
+
+def _machine(device: torch.device, world: int, records_only: bool) -> str:
+    """This process's machine, stated as the regenerating one when the tables come from the records only (the rows
+    ran elsewhere or earlier; their s / image are as each row measured it)."""
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {world} x {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}, {device.type}")
+    return (f"tables regenerated from the per-image records without attacking (on {machine}); s / image as each row "
+            "measured it" if records_only else machine)
 
 
 def _metrics(cache: Path) -> dict | None:

@@ -161,7 +161,6 @@ class DefendedModel(nn.Module):
         return f"runs={self.runs}, vote={self.vote!r}, normalization={self.normalization}, bpda={self.bpda}"
 
 
-
 def _check_channels(purifier: nn.Module | None, classifier: nn.Module) -> int | None:
     """The classifier's input channels (else the purifier's); a ``ValueError`` if the two differ."""
     purifier_channels, classifier_channels = input_channels(purifier), input_channels(classifier)
