@@ -19,9 +19,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="purifytf", description="Adversarial purification: purify images, run the demo on the embedded models, "
-                                     "evaluate robustness under adaptive attacks, train networks, or open the web page.")
+    description = ("Adversarial purification: purify images, run the demo on the embedded models, evaluate "
+                   "robustness under adaptive attacks, train networks, or open the web page.")
+    parser = argparse.ArgumentParser(prog="purifytf", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
