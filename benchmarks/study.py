@@ -7,17 +7,16 @@ attacks (fixed batches of ``--batch-size`` consecutive images, seed ``--seed`` +
 every row sees the same images and seeds), per-image records written as they come (jsonl), resumable across
 sittings: rerun the same command and only missing batches run. An image is robust only if its clean prediction
 is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on, the per-image
-minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at
-1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; DiffPure at t* = 0.2 with t* = 0.1; IMPurify's noise
-variants also with the shipped IMPurify): difference in robust and clean accuracy, Newcombe's paired 95 %
-interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`). Threats: Linf 8/255 (PGD-EOT with
-sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5 (normalised-gradient PGD-EOT ``pgd-eot-l2``
-and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second classifier of another architecture, the
-held-out ``AllConvNet`` no purifier setting was tuned on
+minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at 1
+NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; DiffPure at t* = 0.2 with t* = 0.1; IMPurify's noise variants
+also with the shipped IMPurify; SSNI on SaliencyDiffPurify also with SaliencyDiffPurify): difference in robust and
+clean accuracy, Newcombe's paired 95 % interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`).
+Threats: Linf 8/255 (PGD-EOT with sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5
+(normalised-gradient PGD-EOT ``pgd-eot-l2`` and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second
+classifier of another architecture, the held-out ``AllConvNet`` no purifier setting was tuned on
 (:func:`purifytf.train.classifier.train_heldout_classifier`, the recipe the training example also checks its
 purifiers with), is committed in ``results/heldout-classifier/`` (``--cache``): retraining it on another machine
-gives another network, and every run records its classifier's weights digest, so records of two networks never
-pair.
+gives another network, and every run records its classifier's weights digest, so records of two networks never pair.
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence [ROW ...]                     # steps and EOT doubled on a subset
@@ -130,7 +129,7 @@ ROWS: tuple[Row, ...] = (
     Row("SSNI on DiffPurify DDPM t*=0.1", "ssni_diffpure.fashion_mnist", {"steps": 10}, _SSNI_VIEWS,
         baselines=("DiffPurify DDPM t*=0.1",)),
     Row("SSNI on SaliencyDiffPurify", "ssni_saliency_diffpure.fashion_mnist", {}, _SSNI_VIEWS,
-        baselines=_DDIM_BASELINES),
+        baselines=(*_DDIM_BASELINES, "SaliencyDiffPurify default")),
     Row("IMPurify", "impure.fashion_mnist", baselines=("DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1")),
     Row("IMPurify image_t=0.1, feature_t=0.2", "impure.fashion_mnist", {"image_t": 0.1, "feature_t": 0.2},
         baselines=("IMPurify", "DiffPurify DDPM t*=0.1")),
@@ -413,7 +412,8 @@ def markdown(study: dict) -> str:
              f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
              "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images "
              "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM; DiffPure at t* = 0.2: against "
-             "t* = 0.1; IMPurify's noise variants also against the shipped IMPurify): "
+             "t* = 0.1; IMPurify's noise variants also against the shipped IMPurify, SSNI on SaliencyDiffPurify also "
+             "against SaliencyDiffPurify): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed."]
     for table in study["tables"]:
