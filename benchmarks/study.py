@@ -7,10 +7,11 @@ attacks (fixed batches of ``--batch-size`` consecutive images, seed ``--seed`` +
 every row sees the same images and seeds), per-image records written as they come (jsonl), resumable across
 sittings: rerun the same command and only missing batches run. An image is robust only if its clean prediction
 is right and it survives every attack run on the row (SSNI: with ``score_grad`` off and on, the per-image
-minimum). Each method is compared, image by image, with the DiffPure rows of equal NFE and sampler (IMPurify, at 1
-NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; DiffPure at t* = 0.2 with t* = 0.1; IMPurify's noise variants
-also with the shipped IMPurify; SSNI on SaliencyDiffPurify also with SaliencyDiffPurify): difference in robust and
-clean accuracy, Newcombe's paired 95 % interval and the exact McNemar p-value (:mod:`purifytf.evaluation.stats`).
+minimum; each version is also compared alone). Each method is compared, image by image, with the DiffPure rows
+of equal NFE and sampler (IMPurify, at 1 NFE, with DiffPurify's 10-NFE rows; DDIM with DDPM; DiffPure at
+t* = 0.2 with t* = 0.1; IMPurify's noise variants also with the shipped IMPurify; SSNI on SaliencyDiffPurify also
+with SaliencyDiffPurify): difference in robust and clean accuracy, Newcombe's paired 95 % interval and the exact
+McNemar p-value (:mod:`purifytf.evaluation.stats`).
 Threats: Linf 8/255 (PGD-EOT with sign steps of ``2.5 eps / steps``, and AutoAttack-rand) and L2 0.5
 (normalised-gradient PGD-EOT ``pgd-eot-l2`` and Lee & Kim's sign-step ``pgd-eot-l2-sign``, step 0.007). A second
 classifier of another architecture, the held-out ``AllConvNet`` no purifier setting was tuned on
@@ -237,7 +238,8 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
     """Evaluate one row (every attacked version) and return its per-image outcomes and cost.
 
     Returns ``name``, ``indices``, ``clean`` and ``robust`` (per image, in index order), ``per_attack``
-    (attack name -> per-image robustness, minimum over the attacked versions), ``nfe``,
+    (attack name -> per-image robustness, minimum over the attacked versions), ``per_version`` (per attacked
+    version counted: per-image robustness), ``nfe``,
     ``seconds_per_image`` (the attacked versions), ``attacked`` (the versions counted) and ``info``
     (:func:`_row_info`). ``attack=False`` runs no attack: only the attacked versions whose records are complete
     count (fewer than all: robust accuracy is an upper bound), and a row with none returns ``None``.
@@ -277,6 +279,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         "robust": [all(o[i]["robust"] for o in outcomes) for i in range(len(first))],
         "per_attack": {a.name: [all(o[i]["attacks"][a.name]["robust"] for o in outcomes) for i in range(len(first))]
                        for a in attacks},
+        "per_version": [[r["robust"] for r in o] for o in outcomes],
         "nfe": first[0]["nfe"] if first else 0,
         "seconds_per_image": sum(sum(r["seconds"] for r in o) / len(o) for o in outcomes),
         "attacked": counted, "info": info,
@@ -299,7 +302,10 @@ def compare(result: dict, baseline: dict) -> dict:
 
 
 def summarize_row(result: dict, row: Row, by_name: dict[str, dict]) -> dict:
-    """A row of study.json: accuracies with Wilson intervals, cost, paired comparisons with its baselines."""
+    """A row of study.json: accuracies with Wilson intervals, cost, paired comparisons with its baselines (of a row
+    attacked in several versions also each version's, ``version_comparisons``, each with its ``attacked``)."""
+    baselines = [by_name[b] for b in row.baselines if b in by_name]
+    versions = list(zip(result["attacked"], result["per_version"], strict=True)) if len(result["attacked"]) > 1 else []
     return {
         "name": result["name"], "variant": row.variant, "settings": row.settings, "view": row.view,
         "attacked": result["attacked"], "upper_bound": len(result["attacked"]) < len(row.attacked),
@@ -307,7 +313,11 @@ def summarize_row(result: dict, row: Row, by_name: dict[str, dict]) -> dict:
         "seconds_per_image": result["seconds_per_image"], "clean": _accuracy(result["clean"]),
         "robust": _accuracy(result["robust"]),
         "robust_per_attack": {name: _accuracy(v) for name, v in result["per_attack"].items()},
-        "comparisons": [compare(result, by_name[b]) for b in row.baselines if b in by_name], **result["info"],
+        "robust_per_version": [{"attacked": attacked, **_accuracy(robust)} for attacked, robust in versions],
+        "comparisons": [compare(result, baseline) for baseline in baselines],
+        "version_comparisons": [{"attacked": attacked, **compare({**result, "robust": robust}, baseline)}
+                                for attacked, robust in versions for baseline in baselines],
+        **result["info"],
     }
 
 
@@ -374,10 +384,13 @@ def _row_label(row: dict) -> str:
     label = row["name"] + (f" (tau {row['tau']:.3g})" if row.get("tau") is not None else "")
     label += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
     if row.get("upper_bound"):
-        versions = "; ".join(", ".join(f"{k}={v}" for k, v in version.items()) or "the row's settings"
-                             for version in row["attacked"])
-        label += f" (upper bound: attacked with {versions} only)"
+        label += f" (upper bound: attacked with {'; '.join(map(_version, row['attacked']))} only)"
     return label
+
+
+def _version(overrides: dict) -> str:
+    """An attacked version's purifier overrides, e.g. ``score_grad=False``."""
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the row's settings"
 
 
 def _accuracy_table(table: dict) -> list[str]:
@@ -394,11 +407,14 @@ def _accuracy_table(table: dict) -> list[str]:
 
 
 def _difference_table(table: dict) -> list[str]:
-    """Per row and each row it is compared with: the paired robust and clean differences."""
+    """Per row and each row it is compared with: the paired robust and clean differences (a row attacked in several
+    versions: also each version's robust difference)."""
     lines = ["| defence | compared with | robust difference | clean difference |", "|---|---|---|---|"]
     for row in table["rows"]:
-        for i, c in enumerate(row["comparisons"]):
-            lines.append(f"| {row['name'] if i == 0 else ''} | {c['vs']} (n {c['n']}) | {_difference(c['robust'])} | "
+        for i, c in enumerate(row["comparisons"] + row["version_comparisons"]):
+            against = f"{c['vs']} (n {c['n']}" + (f"; attacked with {_version(c['attacked'])} only)"
+                                                    if "attacked" in c else ")")
+            lines.append(f"| {row['name'] if i == 0 else ''} | {against} | {_difference(c['robust'])} | "
                          f"{_difference(c['clean'])} |")
     return lines
 
@@ -415,7 +431,7 @@ def markdown(study: dict) -> str:
              "t* = 0.1; IMPurify's noise variants also against the shipped IMPurify, SSNI on SaliencyDiffPurify also "
              "against SaliencyDiffPurify): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
-             "minimum over the attacks listed."]
+             "minimum over the attacks listed (SSNI: and over its attacked versions, each also compared alone)."]
     for table in study["tables"]:
         lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", ""]
         lines += _accuracy_table(table)

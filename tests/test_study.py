@@ -110,6 +110,15 @@ def test_paired_numbers_of_the_table_agree_with_stats(tmp_path, classifier, data
                                            [base[i]["clean_correct"] for i in indices])
         assert comparison["clean"] == expected_clean
         assert f"{study._difference(expected)} | {study._difference(expected_clean)} |" in text
+        alone = [c for c in jpeg["version_comparisons"] if c["vs"] == comparison["vs"]]
+        for version, records, overrides, label in zip(alone, versions, ({}, {"quality": 75}),
+                                                      ("the row's settings", "quality=75"), strict=True):
+            expected = paired_comparison([records[i]["robust"] for i in indices], [base[i]["robust"] for i in indices])
+            assert version == {**comparison, "attacked": overrides, "robust": expected}
+            assert (f"| {comparison['vs']} (n {comparison['n']}; attacked with {label} only) | "
+                    f"{study._difference(expected)} |") in text
+    assert [v["accuracy"] for v in jpeg["robust_per_version"]] == [
+        sum(v[i]["robust"] for i in range(4)) / 4 for v in versions]
 
 
 def test_resume_after_an_interruption_gives_identical_records(tmp_path, classifier, dataset, monkeypatch):
