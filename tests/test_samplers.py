@@ -24,19 +24,22 @@ def test_timestep_grid_straight_through():
     assert t.grad.item() == pytest.approx(1 + 0.75 + 0.5 + 0.25)  # backward: the linspace
 
 
-def test_ddpm_step_is_the_posterior():
-    """eta = 1 samples q(x_tau | x_t, x0_hat), written here from the DDPM formulas."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_step_is_the_posterior(clip):
+    """eta = 1 samples q(x_tau | x_t, x0_hat), written here from the DDPM formulas (guided-diffusion's mean
+    from x_t and the clamped x0_hat, where clamping applies)."""
     s = NoiseSchedule.linear()
-    x_t = torch.randn(3, 1, 4, 4) * 0.5
+    x_t = torch.randn(3, 1, 4, 4)
     eps = torch.randn_like(x_t) * 0.1
     t, tau = torch.tensor([300, 300, 41]), torch.tensor([299, 250, 0])
     a_t, a_tau = s.alpha_bar(t, like=x_t), s.alpha_bar(tau, like=x_t)
-    x0 = s.predict_x0(x_t, t, eps, clip=False)
+    x0 = s.predict_x0(x_t, t, eps, clip=clip)
+    assert not clip or (s.predict_x0(x_t, t, eps, clip=False) != x0).float().mean() > 0.2  # clamping is active
     alpha = a_t / a_tau
     mean = (a_tau.sqrt() * (1 - alpha) / (1 - a_t)) * x0 + (alpha.sqrt() * (1 - a_tau) / (1 - a_t)) * x_t
     var = (1 - alpha) * (1 - a_tau) / (1 - a_t)
     z = torch.randn_like(x_t)
-    got = ddim_step(s, x_t, eps, t, tau, eta=1.0, noise=z, clip=False)
+    got = ddim_step(s, x_t, eps, t, tau, eta=1.0, noise=z, clip=clip)
     assert torch.allclose(got, mean + var.sqrt() * z, atol=1e-5)
     with pytest.raises(ValueError, match="noise"):
         ddim_step(s, x_t, eps, t, tau, eta=1.0)

@@ -34,10 +34,13 @@ def ddim_step(
 ) -> Tensor:
     """One generalised DDIM step ``t -> tau`` (``tau < t``), per-sample ``t``/``tau`` of shape (B,).
 
-    ``x_tau = sqrt(abar_tau) x0_hat + sqrt(1 - abar_tau - sigma^2) eps + sigma z`` with
-    ``sigma = eta sqrt((1-abar_tau)/(1-abar_t)) sqrt(1 - abar_t/abar_tau)``. ``eta = 0`` is DDIM;
-    ``eta = 1`` samples the DDPM posterior ``q(x_tau | x_t, x0_hat)`` (ancestral step, fixed-small
-    variance), which is the DDPM step when ``tau = t - 1``.
+    ``x_tau = sqrt(abar_tau) x0_hat + sqrt(1 - abar_tau - sigma^2) eps' + sigma z`` with
+    ``sigma = eta sqrt((1-abar_tau)/(1-abar_t)) sqrt(1 - abar_t/abar_tau)``. ``eta = 0`` is DDIM
+    (``eps' = eps``, the network's noise, as ALGORITHMS.md writes it). ``eta > 0`` uses the noise the
+    clamped ``x0_hat`` implies, ``eps' = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``, so ``eta = 1``
+    samples the DDPM posterior ``q(x_tau | x_t, x0_hat)`` exactly, clamping included (guided-diffusion's
+    ``p_sample``, Lee & Kim's DDPM chain; ancestral step, fixed-small variance), which is the DDPM step
+    when ``tau = t - 1``.
     """
     abar_t = schedule.alpha_bar(t, like=x_t)
     abar_tau = schedule.alpha_bar(tau, like=x_t)
@@ -46,8 +49,9 @@ def ddim_step(
         return abar_tau.sqrt() * x0 + (1 - abar_tau).sqrt() * eps
     if noise is None:
         raise ValueError("a stochastic step (eta > 0) needs noise")
+    implied = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
     var = eta**2 * (1 - abar_tau) / (1 - abar_t) * (1 - abar_t / abar_tau)
-    return abar_tau.sqrt() * x0 + _sqrt0(1 - abar_tau - var) * eps + _sqrt0(var) * noise
+    return abar_tau.sqrt() * x0 + _sqrt0(1 - abar_tau - var) * implied + _sqrt0(var) * noise
 
 
 def _sqrt0(v: Tensor) -> Tensor:
