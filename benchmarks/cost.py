@@ -149,7 +149,8 @@ def build(backbone_name: str, device: torch.device):
         classifier = nn.Sequential(nn.Conv2d(backbone.in_channels, 32, 3, padding=1), nn.ReLU(),
                                    nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                    nn.Linear(64, 10)).eval()
-        extra = {"stats": {"mean": 1.0, "std": 1.0, "min": 0.0, "max": 2.0, "count": 2}}  # placeholder: timing only
+        # placeholder statistics (SSNI's default eps_steps): timing only
+        extra = {"stats": {"mean": 1.0, "std": 1.0, "min": 0.0, "max": 2.0, "count": 2, "eps_steps": 20}}
     channels = backbone.in_channels
     backbone, classifier = backbone.to(device).eval(), classifier.to(device).eval()
     impure = create_purifier("impure.fashion_mnist", pretrained=bundled,

@@ -60,6 +60,11 @@ def write_metrics(directory: Path, info: dict) -> None:
     print(directory.name, json.dumps(info))
 
 
+def update_metrics(directory: Path, **changes) -> None:
+    """Replace some entries of ``metrics.json``, keeping the rest (the training record)."""
+    write_metrics(directory, {**json.loads((directory / "metrics.json").read_text()), **changes})
+
+
 def train_slice(args, out: Path) -> None:
     """The first 1,000 test images, uint8, with labels (MIT licence, Zalando Research)."""
     images = read_idx(args.data / "t10k-images-idx3-ubyte.gz")[:SLICE_SIZE]
@@ -131,7 +136,11 @@ def train_ddpm(args, out: Path) -> None:
     cosine horizon; or as many as fit in --ddpm-seconds), possibly over several sittings: --stop ends a sitting early,
     --checkpoints keeps the resumable state outside the package, and every sitting exports the EMA weights with their
     metrics (wall time and steps summed over the sittings; PSNR on the full test set; DiffPurify's effect on two
-    classifiers' clean accuracy). --ddpm-init starts the network and its EMA from earlier weights."""
+    classifiers' clean accuracy). --ddpm-init starts the network and its EMA from earlier weights. --ddpm-remeasure
+    only re-measures DiffPurify on the exported weights (after a sampler change), keeping the training record."""
+    if args.ddpm_remeasure:
+        update_metrics(out / "ddpm", **diffpure_metrics(args, out))
+        return
     torch.manual_seed(args.seed)
     backbone = build_backbone(ddpm_architecture(args)).to(args.device)
     if args.ddpm_init:
@@ -160,13 +169,19 @@ def train_ddpm(args, out: Path) -> None:
     test = fashion_mnist(args.data, "test").images
     psnr = {f"psnr_t{t}": round(denoising_psnr(trainer.model, test, t, torch.Generator().manual_seed(t)), 2)
             for t in (100, 200, 400) if t <= args.ddpm_max_t}
-    diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)  # the default steps
-    purification = {f"diffpure_{k}": v for k, v in slice_metrics(diffpure, args, out).items()}
+    purification = diffpure_metrics(args, out)
     record(out / "ddpm", args, sum(s["seconds"] for s in sittings), steps=trainer.step,
            planned_steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
            ema_decay=args.ddpm_ema, init=str(args.ddpm_init) if args.ddpm_init else None, max_t=args.ddpm_max_t,
            t_power=args.ddpm_t_power, parameters=sum(p.numel() for p in trainer.model.parameters()),
            sittings=sittings, **psnr, **purification)
+
+
+def diffpure_metrics(args, out: Path) -> dict:
+    """:func:`slice_metrics` of DiffPurify (t* = 0.1, its default steps and sampler) on the UNet in ``<out>/ddpm``,
+    keys prefixed ``diffpure_``."""
+    diffpure = DiffPurify(load_backbone_dir(out / "ddpm"), t_star=0.1).to(args.device)
+    return {f"diffpure_{k}": v for k, v in slice_metrics(diffpure, args, out).items()}
 
 
 def impure_overrides(args) -> dict:
@@ -232,9 +247,8 @@ def set_impure_noise(args, out: Path) -> None:
     the training record in ``metrics.json`` is kept."""
     purifier = IMPurify.from_pretrained(out / "impure", image_t=args.impure_image_t, feature_t=args.impure_feature_t)
     purifier.save_pretrained(out / "impure")
-    previous = json.loads((out / "impure" / "metrics.json").read_text())
-    write_metrics(out / "impure", {**previous, "image_t": args.impure_image_t, "feature_t": args.impure_feature_t,
-                                   **slice_metrics(purifier.to(args.device), args, out)})
+    update_metrics(out / "impure", image_t=args.impure_image_t, feature_t=args.impure_feature_t,
+                   **slice_metrics(purifier.to(args.device), args, out))
 
 
 def slice_metrics(purifier: nn.Module, args, out: Path) -> dict:
@@ -266,7 +280,7 @@ def train_ssni(args, out: Path) -> None:
     start = time.perf_counter()
     stats = ssni.calibrate(images, batch_size=250, generator=torch.Generator().manual_seed(args.seed))
     (out / "ssni").mkdir(exist_ok=True)
-    (out / "ssni" / "stats.json").write_text(json.dumps({"eps_steps": ssni.eps_steps, **stats}, indent=2) + "\n")
+    (out / "ssni" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     record(out / "ssni", args, time.perf_counter() - start, images=args.ssni_images)
 
 
@@ -297,6 +311,9 @@ def main() -> None:
     parser.add_argument("--ddpm-max-t", type=int, default=400, help="largest training timestep (valid range)")
     parser.add_argument("--ddpm-t-power", type=float, default=1.0,
                         help="timestep distribution: t = 1 + floor(u ** P * max_t); 1 uniform, > 1 towards small t")
+    parser.add_argument("--ddpm-remeasure", action="store_true",
+                        help="only re-measure DiffPurify on the weights in <out>/ddpm (no training; metrics.json keeps "
+                             "the training record)")
     parser.add_argument("--impure-pretrain-steps", type=int, default=500)
     parser.add_argument("--impure-finetune-steps", type=int, default=40)
     parser.add_argument("--impure-perceptual-weight", type=float, default=0.05)

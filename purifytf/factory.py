@@ -151,7 +151,7 @@ def _ssni(weights: str, base: Builder) -> Builder:
                    **{k: kw.pop(k) for k in list(kw) if k in own}}
         if pretrained and "stats" not in ssni_kw and "ssni_stats" in get_weights(weights).companions:
             saved = json.loads(companion_file(weights, "ssni_stats").read_text())
-            ssni_kw = {"eps_steps": saved.pop("eps_steps"), "stats": saved, **ssni_kw}
+            ssni_kw = {"eps_steps": saved["eps_steps"], "stats": saved, **ssni_kw}
         given = kw.pop("base", None)
         if given is not None and kw:
             raise TypeError(f"SSNIPurify takes no {sorted(kw)}; settings of base= belong to it")

@@ -59,7 +59,7 @@ class SampleStreams:
     """
 
     def __init__(self, seed: int):
-        self.seed = seed % (1 << 64)
+        self.seed = (seed + (1 << 63)) % (1 << 64) - (1 << 63)  # signed 64-bit: what the custom op takes
         self.draws = 0
 
     def draw(self, x: Tensor, normal: bool) -> Tensor:

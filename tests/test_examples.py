@@ -76,6 +76,16 @@ def test_zoo_recipe_runs_every_part(tmp_path, monkeypatch):
         k: trained[k] for k in ("seconds", "sittings", "pretrain_steps")}
     assert recorded["psnr"] != trained["psnr"]
 
+    # --ddpm-remeasure: DiffPurify re-measured on the same weights (here on fewer images); the training record stays.
+    weights = (out / "ddpm" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(sys, "argv", argv + ["--metric-images", "6", "--part", "ddpm", "--ddpm-remeasure"])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    remeasured = json.loads((out / "ddpm" / "metrics.json").read_text())
+    assert (out / "ddpm" / "model.safetensors").read_bytes() == weights
+    assert remeasured.keys() == ddpm.keys() and remeasured["diffpure_test_images"] == 6
+    assert {k: v for k, v in remeasured.items() if not k.startswith("diffpure_")} == {
+        k: v for k, v in ddpm.items() if not k.startswith("diffpure_")}
+
 
 def test_ddpm_recipe_options(tmp_path, monkeypatch):
     """--ddpm-widths/--ddpm-blocks change the architecture, --ddpm-seconds sets the horizon from the warm-up's speed,

@@ -116,7 +116,8 @@ def tiny_classifier():
 
 def ssni_on_saliency(references, seed=7):
     base = SaliencyDiffPurify(OracleBackbone(references), tiny_classifier(), t_l=0.2, t_s=0.1, spacing=50)
-    return SSNIPurify(base, eps_steps=3, stats={"mean": 30.0, "std": 3.0, "min": 20.0, "max": 40.0, "count": 10},
+    return SSNIPurify(base, eps_steps=3, stats={"mean": 30.0, "std": 3.0, "min": 20.0, "max": 40.0, "count": 10,
+                                                   "eps_steps": 3},
                       seed=seed)
 
 

@@ -18,7 +18,7 @@ from purifytf.random import SampleStreams, rand_like, randn_like, stream_seed
 
 SMALL_MAE = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32, "decoder_depth": 1,
              "decoder_heads": 2}
-STATS = {"mean": 30.0, "std": 5.0, "min": 20.0, "max": 40.0, "count": 8}
+STATS = {"mean": 30.0, "std": 5.0, "min": 20.0, "max": 40.0, "count": 8, "eps_steps": 3}
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -200,6 +200,15 @@ def test_stream_draws_are_cpu_generator_draws():
     assert streams.draws == 2
     assert torch.equal(randn_like(x[:1], SampleStreams(5)), normal[:1])  # the seed alone decides
     assert not torch.equal(randn_like(x, SampleStreams(6)), normal)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64 - 1, 2**64 + 5])
+def test_any_manual_seed_integer_gives_its_stream(seed):
+    """Seeds beyond int64 (negative, >= 2**63) draw like torch.manual_seed's: modulo 2**64."""
+    x = torch.empty(2, 1, 3, 3)
+    cpu = torch.randn((1, 1, 3, 3), generator=gen(stream_seed(seed % 2**64, 0)))
+    assert torch.equal(randn_like(x, SampleStreams(seed)), cpu.expand_as(x))
+    assert torch.equal(randn_like(x, SampleStreams(seed)), randn_like(x, SampleStreams(seed + 2**64)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU/CUDA noise equality)")

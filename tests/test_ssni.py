@@ -139,7 +139,7 @@ def test_uncalibrated_use_is_an_error(references):
 
 def test_constructor_checks(references):
     base = make_base(references)
-    good = {"mean": 1.0, "std": 0.5, "min": 0.0, "max": 2.0, "count": 10}
+    good = {"mean": 1.0, "std": 0.5, "min": 0.0, "max": 2.0, "count": 10, "eps_steps": 20}
     with pytest.raises(TypeError, match="DiffusionPurifier"):
         SSNIPurify(OracleBackbone(references))
     with pytest.raises(ValueError, match="reweight"):
@@ -153,6 +153,17 @@ def test_constructor_checks(references):
     with pytest.raises(ValueError, match="degenerate"):
         SSNIPurify(base, stats=good | {"max": 0.0})
     assert SSNIPurify(base, stats=good).stats == good
+    with pytest.raises(ValueError, match="calibrated with eps_steps=20"):
+        SSNIPurify(base, stats=good, eps_steps=10)
+
+
+def test_statistics_of_another_eps_steps_are_refused(purifier, references):
+    """The score norm averages eps_steps levels: statistics of another T' would pick wrong levels silently."""
+    assert purifier.stats["eps_steps"] == purifier.eps_steps == EPS_STEPS
+    purifier.eps_steps = EPS_STEPS + 1
+    with pytest.raises(ValueError, match=f"calibrated with eps_steps={EPS_STEPS}"):
+        purifier(references)
+    purifier.eps_steps = EPS_STEPS
 
 
 def test_default_picks_t_without_gradient(purifier, references):

@@ -13,7 +13,7 @@ from .diffusion import DiffusionPurifier
 
 __all__ = ["SSNIPurify", "sigmoid_reweight", "linear_reweight", "norm_statistics"]
 
-_STAT_KEYS = ("mean", "std", "min", "max", "count")
+_STAT_KEYS = ("mean", "std", "min", "max", "count", "eps_steps")
 
 
 def sigmoid_reweight(norm: Tensor, mean: float, tau: float, t_star: float, bias: float) -> Tensor:
@@ -44,7 +44,7 @@ def _check_stats(stats: dict) -> dict:
     missing = [k for k in _STAT_KEYS if k not in stats]
     if missing:
         raise ValueError(f"stats lacks {missing}; expected keys {list(_STAT_KEYS)} (see SSNIPurify.calibrate)")
-    stats = {k: float(stats[k]) for k in _STAT_KEYS} | {"count": int(stats["count"])}
+    stats = {k: float(stats[k]) for k in _STAT_KEYS} | {k: int(stats[k]) for k in ("count", "eps_steps")}
     if not all(math.isfinite(v) for v in stats.values()):
         raise ValueError(f"stats must be finite, got {stats}")
     if stats["count"] < 2 or stats["std"] <= 0 or stats["max"] <= stats["min"]:
@@ -89,8 +89,9 @@ class SSNIPurify(Purifier):
         eps_steps: ``T'``, levels averaged in the EPS (reference: 20 CIFAR-10, 50 ImageNet).
         score_grad: let gradients flow through the score norm into ``t`` (straight-through rounding),
             for adaptive attacks; by default ``t`` is picked without gradient, as in the reference.
-        stats: reference statistics (``mean``, ``std``, ``min``, ``max``, ``count``), normally set by
-            :meth:`calibrate` and restored by ``from_pretrained``.
+        stats: reference statistics (``mean``, ``std``, ``min``, ``max``, ``count`` and the ``eps_steps`` they
+            were measured with, which must be this purifier's), normally set by :meth:`calibrate` and restored by
+            ``from_pretrained``.
         seed: see :class:`~purifytf.Purifier`; ``None``: ``base``'s seed. One generator (this purifier's)
             drives the score and ``base``'s chain.
 
@@ -127,6 +128,8 @@ class SSNIPurify(Purifier):
         self.score_grad = score_grad
         self.stats = None if stats is None else _check_stats(stats)
         self._check_range()
+        if self.stats is not None:
+            self._calibration()
 
     def _check_range(self) -> None:
         """The largest level SSNI can pick, ``t* + bias``, must lie within the backbone's ``max_t``."""
@@ -157,12 +160,13 @@ class SSNIPurify(Purifier):
             batch_size: images per network call when ``data`` is a tensor.
             generator: noise of the EPS (default: from ``seed`` if set, else the global RNG).
         Returns:
-            the statistics, also stored in :attr:`stats` and in the config saved by ``save_pretrained``.
+            the statistics (with this purifier's ``eps_steps``), also stored in :attr:`stats` and in the
+            config saved by ``save_pretrained``.
         """
         norms = [self.score_norm(batch, generator) for batch in _batches(data, batch_size)]
         if not norms:
             raise ValueError("calibration data is empty: pass clean images (N, C, H, W) in [0, 1]")
-        self.stats = _check_stats(norm_statistics(torch.cat(norms)))
+        self.stats = _check_stats({**norm_statistics(torch.cat(norms)), "eps_steps": self.eps_steps})
         return dict(self.stats)
 
     # --- noise levels ----------------------------------------------------------------------------
@@ -187,18 +191,27 @@ class SSNIPurify(Purifier):
     def level_scale(self, x_d: Tensor, generator: torch.Generator | None) -> Tensor:
         """SSNI's level rule (a :data:`~purifytf.purifiers.diffusion.LevelRule`): images ``x_d`` (B,C,H,W) in
         model space -> (B,) factor on every noise level of ``base``, ``t(x) / t*`` (unrounded)."""
-        if self.stats is None:
-            raise RuntimeError("SSNIPurify is not calibrated: call purifier.calibrate(clean_images) first "
-                               "(or load a calibrated purifier with from_pretrained)")
+        stats = self._calibration()
         t_star, bias = self.base.reference_level, self.bias * self.base.schedule.num_steps  # in steps
         with torch.set_grad_enabled(self.score_grad and torch.is_grad_enabled()):
             norm = self._score_norm(x_d, generator)
             if self.reweight == "sigmoid":
-                tau = self.tau if self.tau is not None else self.stats["std"]
-                t = sigmoid_reweight(norm, self.stats["mean"], tau, t_star, bias)
+                tau = self.tau if self.tau is not None else stats["std"]
+                t = sigmoid_reweight(norm, stats["mean"], tau, t_star, bias)
             else:
-                t = linear_reweight(norm, self.stats["min"], self.stats["max"], t_star, bias)
+                t = linear_reweight(norm, stats["min"], stats["max"], t_star, bias)
         return t / t_star
+
+    def _calibration(self) -> dict:
+        """The reference statistics, if they were measured with this purifier's ``eps_steps``."""
+        if self.stats is None:
+            raise RuntimeError("SSNIPurify is not calibrated: call purifier.calibrate(clean_images) first "
+                               "(or load a calibrated purifier with from_pretrained)")
+        if self.stats["eps_steps"] != self.eps_steps:
+            raise ValueError(f"the statistics were calibrated with eps_steps={self.stats['eps_steps']}, this purifier "
+                             f"averages eps_steps={self.eps_steps}: the score norms are not comparable; use "
+                             f"eps_steps={self.stats['eps_steps']} or calibrate again")
+        return self.stats
 
     @property
     def last_t(self) -> Tensor | None:
