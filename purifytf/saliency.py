@@ -7,6 +7,7 @@ classifier; :func:`activation_saliency`, :func:`threshold_mask` and :func:`topk_
 kernels. Nothing here leaves a hook on a model or writes a file.
 """
 
+import collections
 import functools
 from collections.abc import Callable, Sequence
 
@@ -102,8 +103,9 @@ def find_stages(model: nn.Module, x: Tensor, num_stages: int = 4) -> list[str]:
 
     A stage is the last submodule, in execution order, to return a 4-D map at a given spatial
     resolution (runs of equal, decreasing resolution). Maps of size 1x1, maps larger than the last
-    stage (e.g. an adaptive pool upsampling) and anything computed before the first module with
-    parameters (input normalisation) are skipped. May return fewer names, or none.
+    stage (e.g. an adaptive pool upsampling), anything computed before the first module with
+    parameters (input normalisation) and modules called more than once per forward (one ``nn.ReLU``
+    shared by several layers: a hook sees only its last call) are skipped. May return fewer names, or none.
     """
     records: list[tuple[str, tuple[int, int]]] = []
     record = functools.partial(_record_map, records, {"started": False})
@@ -115,8 +117,9 @@ def find_stages(model: nn.Module, x: Tensor, num_stages: int = 4) -> list[str]:
     finally:
         for handle in handles:
             handle.remove()
+    calls = collections.Counter(name for name, _ in records)
     stages: list[tuple[str, tuple[int, int]]] = []
-    for name, size in records:
+    for name, size in (record for record in records if calls[record[0]] == 1):
         if stages and stages[-1][1] == size:
             stages[-1] = (name, size)
         elif not stages or size[0] * size[1] < stages[-1][1][0] * stages[-1][1][1]:

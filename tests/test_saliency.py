@@ -98,6 +98,17 @@ def test_custom_module_names_and_callable():
     assert hook_count(net) == 0
 
 
+def test_a_shared_activation_module_is_not_taken_for_every_stage():
+    """One nn.ReLU called after every conv: its hook sees only the last call, so it is no stage."""
+    relu = nn.ReLU()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), relu, nn.Conv2d(4, 8, 3, stride=2, padding=1), relu,
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1), relu, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10))
+    x = torch.rand(2, 3, 8, 8)
+    assert find_stages(net, x) == ["0", "2", "4"]
+    assert [f.shape[-1] for f in StageFeatures(net)(x)] == [8, 4, 2]
+
+
 def test_clear_errors():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
     with pytest.raises(ValueError, match="could not find the feature maps of Sequential.*stages="):
