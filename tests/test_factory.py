@@ -197,6 +197,9 @@ def test_backbone_trained_range(tmp_path):
         DiffPurify(backbone, t_star=0.5)
     with pytest.raises(ValueError, match="t_l=0.5.*max_t = 400"):
         SaliencyDiffPurify(backbone, tiny_classifier(), t_l=0.5, t_s=0.1)
+    SaliencyDiffPurify(backbone, tiny_classifier(), t_l=0.397, t_s=0.1)  # U = 3 resampling steps reach 400
+    with pytest.raises(ValueError, match=r"t_l=0.4 .*\(\+ 3 resampling steps\).*max_t = 400"):
+        SaliencyDiffPurify(backbone, tiny_classifier(), t_l=0.4, t_s=0.1)  # its network calls reach t = 403
     with pytest.raises(ValueError, match=r"SSNI's t\* \+ bias.*max_t = 400"):
         SSNIPurify(DiffPurify(backbone, t_star=0.4), bias=0.005)
     ok = DiffPurify(backbone, t_star=0.3)

@@ -81,13 +81,21 @@ class DiffusionPurifier(Purifier):
         """The setting that fixes :attr:`reference_level`, for messages (``"t_star=0.1"``)."""
         raise NotImplementedError
 
+    @property
+    def level_overshoot(self) -> int:
+        """Steps above the diffusion level at which the method calls its network (SaliencyDiffPurify's
+        resampling); :meth:`check_level` counts them."""
+        return 0
+
     def check_level(self, level: float, setting: str) -> None:
-        """Refuse a noise level (``level`` steps, from ``setting``) beyond the backbone's trained ``max_t``."""
-        if level > self.backbone.max_t:
+        """Refuse a noise level (``level`` steps, from ``setting``) whose network calls, up to ``level +``
+        :attr:`level_overshoot`, go beyond the backbone's trained ``max_t``."""
+        if level + self.level_overshoot > self.backbone.max_t:
             T = self.schedule.num_steps
-            raise ValueError(f"{setting} asks for noise level {level:g} steps ({level / T:g} of T = {T}), beyond "
-                             f"the backbone's trained range max_t = {self.backbone.max_t} ({self.backbone.max_t / T:g}"
-                             f" of T)")
+            over = f" (+ {self.level_overshoot} resampling steps)" if self.level_overshoot else ""
+            raise ValueError(f"{setting} asks for noise level {level:g} steps ({level / T:g} of T = {T}){over}, "
+                             f"beyond the backbone's trained range max_t = {self.backbone.max_t} "
+                             f"({self.backbone.max_t / T:g} of T)")
 
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """One counted network call: ``x_t`` (B,C,H,W) in [-1, 1], ``t`` (B,) steps -> eps."""

@@ -177,6 +177,10 @@ class SaliencyDiffPurify(DiffusionPurifier):
         return f"t_l={self.t_l}"
 
     @property
+    def level_overshoot(self) -> int:
+        return self.resample_steps
+
+    @property
     def small_level(self) -> int:
         """``t_s`` in steps."""
         return max(1, round(self.t_s * self.schedule.num_steps))
