@@ -119,15 +119,16 @@ class SaliencyDiffPurify(DiffusionPurifier):
         classifier: the defended classifier, taking images in [0, 1]; kept in eval mode.
         t_l, t_s: strong and weak noise levels as fractions of T, ``0 < t_s < t_l <= 1`` (paper:
             0.2 / 0.1 on CIFAR-10, 0.4 / 0.2 on ImageNet). ``t_l`` is the :attr:`reference_level`; ``t_l * T``
-            must lie within the backbone's ``max_t``.
+            plus ``resample_steps`` must lie within the backbone's ``max_t``.
         mask: ``"threshold"``, ``"topk"`` or ``"continuous"``.
         threshold: saliency threshold of ``"threshold"`` (paper: 0.9).
         fraction: salient pixel fraction of ``"topk"`` (paper: 0.15 on ImageNet).
         resample_steps: forward steps U added before each stage-1 call (paper: 3).
         spacing: DDIM grid spacing in steps (paper: 2).
         stages: classifier stages, see :class:`~purifytf.saliency.StageFeatures` (``None``: automatic).
-        mask_grad: let gradients flow through the saliency (continuous mode: exact; binary modes:
-            straight-through). Default: no gradient through the mask, as in the paper.
+        mask_grad: let gradients flow through the saliency, straight-through in every mode (binary masks, and
+            the continuous mode's levels snapped to the stage-1 grid: :func:`level_map`). Default: no gradient
+            through the mask, as in the paper.
         checkpoint, seed: see :class:`DiffusionPurifier`.
     """
 
