@@ -86,13 +86,9 @@ class AttackSettings:
 
 
 def is_deterministic(model: nn.Module) -> bool:
-    """Whether ``model`` is a :class:`DefendedModel` computing a fixed function: no purifier, or a seeded one.
-
-    A seeded purifier draws per-sample noise streams, so every pass, and every copy of an image in a
-    batch, gets the noise the deployed defence uses for that image.
-    """
-    return isinstance(model, DefendedModel) and (model.purifier is None
-                                                 or getattr(model.purifier, "seed", None) is not None)
+    """Whether ``model`` is a :class:`DefendedModel` computing a fixed function
+    (:attr:`DefendedModel.deterministic`: no purifier, or a seeded one)."""
+    return isinstance(model, DefendedModel) and model.deterministic
 
 
 def eot_gradient(model: nn.Module, x: Tensor, y: Tensor, eot: int = 1, eot_batch: int | None = None) -> Tensor:

@@ -148,10 +148,17 @@ class DefendedModel(nn.Module):
         """Logits (B, K) of one stochastic, differentiable pass on ``x`` (B, C, H, W) in [0, 1]."""
         return self.classifier(self.normalize(self.purify(x)))
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether every pass computes the same function: no purifier, or a seeded one (per-sample noise
+        streams fixed by the seed, so each pass and each copy of an image gets the deployed noise)."""
+        return self.purifier is None or getattr(self.purifier, "seed", None) is not None
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """The defence's labels (B,): a vote over :attr:`runs` fresh purifications of ``x``."""
-        logits = torch.stack([self(x) for _ in range(self.runs)])  # (runs, B, K)
+        """The defence's labels (B,): a vote over :attr:`runs` fresh purifications of ``x`` (one pass when
+        :attr:`deterministic`: the others would repeat it)."""
+        logits = torch.stack([self(x) for _ in range(1 if self.deterministic else self.runs)])  # (runs, B, K)
         if self.vote == "logits":
             return logits.mean(0).argmax(-1)
         votes = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # (B, K)

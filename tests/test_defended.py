@@ -64,8 +64,19 @@ def test_forward_normalizes_after_purifying():
 def test_votes():
     scripted = _ScriptedLogits([5.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
     x = torch.rand(2, 1, 4, 4)
-    assert DefendedModel(None, scripted, runs=3, normalize=None).predict(x).tolist() == [1, 1]
-    assert DefendedModel(None, scripted, runs=3, vote="logits", normalize=None).predict(x).tolist() == [0, 0]
+    stochastic = nn.Identity()  # a purifier without a seed: every pass may differ
+    assert DefendedModel(stochastic, scripted, runs=3, normalize=None).predict(x).tolist() == [1, 1]
+    assert DefendedModel(stochastic, scripted, runs=3, vote="logits", normalize=None).predict(x).tolist() == [0, 0]
+
+
+def test_a_deterministic_defence_predicts_in_one_pass():
+    """A seeded purifier (or none) computes one function: the vote's other passes would repeat the first."""
+    x = torch.rand(2, 1, 4, 4)
+    for purifier in (_ddim_purifier(), None):
+        scripted = _ScriptedLogits([5.0, 0.0, 0.0], [0.0, 1.0, 0.0])
+        model = DefendedModel(purifier, scripted, runs=5, normalize=None)
+        assert model.deterministic and model.predict(x).tolist() == [0, 0] and scripted.calls == 1
+    assert not DefendedModel(nn.Identity(), _linear(), normalize=None).deterministic
 
 
 def test_bad_arguments():
