@@ -24,26 +24,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "load_purifier", "purify_files",
+from .evaluation.loading import load_purifier
+
+__all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "purify_files",
            "read_image", "run"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _GREY_MODES = ("1", "L", "LA")
 DEFAULT_PURIFIER = "saliency_diffpure.fashion_mnist"
 """The embedded default: SaliencyDiffPurify on the bundled Fashion-MNIST DDPM (28x28 grey, 10 NFE)."""
-
-
-def load_purifier(spec: str) -> nn.Module:
-    """A saved directory or Hub repo id (``save_pretrained``), or a name of :func:`purifytf.factory.list_purifiers`
-    with its pretrained weights."""
-    from .factory import create_purifier, list_purifiers
-    from .factory import load_purifier as load_saved
-
-    if spec in list_purifiers():
-        return create_purifier(spec, pretrained=True)
-    if Path(spec).is_dir() or spec.count("/") == 1:
-        return load_saved(spec)
-    raise ValueError(f"unknown purifier {spec!r}: give a saved directory, a Hub repo id or one of {list_purifiers()}")
 
 
 def collect_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -158,9 +147,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         pairs = _pairs(args)
-        purifier = load_purifier(args.purifier).to(device)
-        if args.seed is not None:
-            purifier.seed = args.seed
+        if args.purifier == "none":
+            raise ValueError("--purifier none purifies nothing: give a purifier")
+        purifier = load_purifier(args.purifier, seed=args.seed).to(device)
         count = purify_files(purifier, pairs, args.batch_size, device, args.progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"purifytf purify: error: {error}", file=sys.stderr)

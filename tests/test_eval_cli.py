@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from purifytf import DiffPurify
+from purifytf import DiffPurify, create_purifier
 from purifytf.evaluation import harness, load_dataset, load_records
 from purifytf.evaluation.cli import main
 from purifytf.evaluation.loading import load_classifier, load_purifier
@@ -162,6 +162,16 @@ def test_saved_purifier_loads_without_its_class_and_takes_options(setup, tmp_pat
         load_purifier(str(tmp_path / "saved"), "SSNIPurify")
     purifier = load_purifier(str(tmp_path / "saved"), "DiffPurify", {"steps": 1}, checkpoint=True, seed=3)
     assert isinstance(purifier, DiffPurify) and purifier.steps == 1 and purifier.checkpoint and purifier.seed == 3
+
+
+def test_purifier_by_variant_name_is_pretrained():
+    """A name of list_purifiers (shared with `purifytf purify`): the variant with its weights and the options."""
+    purifier = load_purifier("diffpure.fashion_mnist", options={"steps": 2}, seed=1)
+    expected = create_purifier("diffpure.fashion_mnist", pretrained=True)
+    assert isinstance(purifier, DiffPurify) and purifier.steps == 2 and purifier.seed == 1
+    torch.testing.assert_close(purifier.state_dict(), expected.state_dict())
+    with pytest.raises(ValueError, match="unknown purifier 'diffpure'.*one of"):
+        load_purifier("diffpure")
 
 
 def test_timm_classifier_with_safetensors_weights(tmp_path):

@@ -70,6 +70,7 @@ def test_never_overwrites_its_inputs(tmp_path, images, capsys):
     (["a.txt", "--out", "o"], "not a PNG or JPEG"),
     (["in"], "--out FOLDER"),
     (["in", "--out", "o", "--purifier", "resnet"], "unknown purifier 'resnet'"),
+    (["in", "--out", "o", "--purifier", "none"], "--purifier none purifies nothing"),
     (["in", "--out", "o", "--batch-size", "0"], "--batch-size"),
 ])
 def test_bad_arguments(tmp_path, images, monkeypatch, capsys, args, message):

@@ -46,7 +46,8 @@ def _fraction(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("defence")
     model.add_argument("--purifier", required=True,
-                       help="'none', a saved directory or Hub repo id (with --purifier-class), or module:function")
+                       help="'none', a name of purifytf.list_purifiers() (pretrained), a saved directory or Hub "
+                            "repo id (with --purifier-class), or module:function")
     model.add_argument("--purifier-class", help="purifier class of a saved directory, e.g. DiffPurify")
     model.add_argument("--purifier-option", action="append", metavar="KEY=VALUE",
                        help="constructor/loading argument of the purifier (JSON value), repeatable")

@@ -1,8 +1,10 @@
 """Building purifiers, classifiers and normalisations from the command line's strings.
 
-- Purifier: ``none``; a saved directory or Hub repo id, loaded with
+- Purifier: ``none``; a name of :func:`purifytf.list_purifiers` with its pretrained weights
+  (``create_purifier(name, pretrained=True, **options)``); a saved directory or Hub repo id, loaded with
   ``purifytf.load_purifier(path, **options)`` (``config.json`` names the class; a class given as
   well is checked against it); or a Python entry ``module:function`` called as ``function(**options)``.
+  Shared with ``purifytf purify``.
 - Classifier: :func:`purifytf.classifiers.load_classifier` (``timm:NAME`` or a bare timm name,
   ``torchvision:NAME``, ``purifytf:NAME``, ``module:function``; a weights file), shared with ``purifytf train``.
 - Normalisation: ``auto`` (timm's ``pretrained_cfg``), ``none``, a torchvision weights name
@@ -51,15 +53,21 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
         if cls or options or checkpoint or seed is not None:
             raise ValueError("--purifier none takes no purifier class, options, checkpointing or seed")
         return None
+    from ..factory import create_purifier, list_purifiers
+    from ..factory import load_purifier as load_saved
+
     if _is_entry_point(spec):
         purifier = entry_point(spec)(**options)
-    else:
-        from ..factory import load_purifier as load_saved
-
+    elif spec in list_purifiers():
+        purifier = create_purifier(spec, pretrained=True, **options)
+    elif Path(spec).is_dir() or spec.count("/") == 1:
         purifier = load_saved(spec, **options)  # config.json names the class
-        if cls and type(purifier).__name__ != cls:
-            raise ValueError(f"{spec!r} holds a {type(purifier).__name__}, not a {cls} (the class is read from "
-                             "config.json: --purifier-class is not needed)")
+    else:
+        raise ValueError(f"unknown purifier {spec!r}: give 'none', a saved directory, a Hub repo id, module:function "
+                         f"or one of {list_purifiers()}")
+    if cls and type(purifier).__name__ != cls:
+        raise ValueError(f"{spec!r} holds a {type(purifier).__name__}, not a {cls} (the class is read from the "
+                         "purifier, e.g. its config.json: --purifier-class is not needed)")
     if not isinstance(purifier, nn.Module):
         raise ValueError(f"purifier {spec!r} is a {type(purifier).__name__}, not an nn.Module")
     if checkpoint:
