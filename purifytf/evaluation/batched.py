@@ -40,7 +40,7 @@ def pgd_eot_accuracy(defended: DefendedModel, x: Tensor, y: Tensor, *, eps: floa
     for xb, yb in progress(batches) if progress is not None else batches:
         correct = defended.predict(xb) == yb
         adv = pgd_eot(defended, xb, yb, norm=norm, eps=eps, step=2.5 * eps / steps, steps=steps,
-                      eot=eot if defended.purifier is not None else 1, generator=generator)
+                      eot=eot, generator=generator)  # a deterministic defence: one pass, whatever eot says
         clean.append(correct)
         robust.append(correct & (defended.predict(adv) == yb))
         adversarial.append(adv)
