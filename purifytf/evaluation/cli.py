@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..attacks import ATTACK_METHODS, PRESETS, AttackSettings, parse_attacks
+from ..attacks import ATTACK_METHODS, ATTACK_VIEWS, PRESETS, AttackSettings, parse_attacks
 from ..defended import DefendedModel
 from .data import load_dataset
 from .harness import default_device, distributed, evaluate, summary_markdown
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attack = parser.add_argument_group("attacks")
     presets = ", ".join(f"{name}={'+'.join(methods)}" for name, methods in PRESETS.items())
     attack.add_argument("--attacks", default="lee-kim",
-                        help=f"comma list of METHOD[@adaptive|bpda|transfer]; methods {', '.join(ATTACK_METHODS)}; "
+                        help=f"comma list of METHOD[@{'|'.join(ATTACK_VIEWS)}]; methods {', '.join(ATTACK_METHODS)}; "
                              f"alias bpda-eot; presets {presets}")
     attack.add_argument("--eps", type=_fraction, default=8 / 255, help="Linf radius (8/255)")
     attack.add_argument("--step", type=_fraction, default=0.007, help="Linf step (0.007)")
