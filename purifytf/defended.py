@@ -154,11 +154,16 @@ class DefendedModel(nn.Module):
         streams fixed by the seed, so each pass and each copy of an image gets the deployed noise)."""
         return self.purifier is None or getattr(self.purifier, "seed", None) is not None
 
+    @property
+    def passes(self) -> int:
+        """Forward passes per :meth:`predict`: :attr:`runs`, or 1 when :attr:`deterministic` (the others
+        would repeat it)."""
+        return 1 if self.deterministic else self.runs
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """The defence's labels (B,): a vote over :attr:`runs` fresh purifications of ``x`` (one pass when
-        :attr:`deterministic`: the others would repeat it)."""
-        logits = torch.stack([self(x) for _ in range(1 if self.deterministic else self.runs)])  # (runs, B, K)
+        """The defence's labels (B,): a vote over :attr:`passes` fresh purifications of ``x``."""
+        logits = torch.stack([self(x) for _ in range(self.passes)])  # (passes, B, K)
         if self.vote == "logits":
             return logits.mean(0).argmax(-1)
         votes = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # (B, K)

@@ -75,8 +75,10 @@ def test_a_deterministic_defence_predicts_in_one_pass():
     for purifier in (_ddim_purifier(), None):
         scripted = _ScriptedLogits([5.0, 0.0, 0.0], [0.0, 1.0, 0.0])
         model = DefendedModel(purifier, scripted, runs=5, normalize=None)
-        assert model.deterministic and model.predict(x).tolist() == [0, 0] and scripted.calls == 1
-    assert not DefendedModel(nn.Identity(), _linear(), normalize=None).deterministic
+        assert model.deterministic and model.passes == 1
+        assert model.predict(x).tolist() == [0, 0] and scripted.calls == 1
+    stochastic = DefendedModel(nn.Identity(), _linear(), runs=5, normalize=None)
+    assert not stochastic.deterministic and stochastic.passes == 5
 
 
 def test_bad_arguments():

@@ -223,6 +223,10 @@ def test_reports_robustbench_model_info_and_hub_model_index(setup, tmp_path):
     assert ours["images"] == NUM_IMAGES and ours["seed"] == 5 and ours["batch_size"] == 2
     assert ours["settings"]["steps"] == 3 and ours["settings"]["eot"] == 2 and ours["attacks"] == ATTACKS
 
+    seeded = tmp_path / "seeded"  # a seeded defence predicts in one pass: RobustBench counts one
+    assert main([*setup, "--output", str(seeded), "--attacks", "fgsm@transfer", "--purifier-seed", "1"]) == 0
+    assert json.loads((seeded / "model_info.json").read_text())["number_forward_passes"] == 1
+
     index = yaml.safe_load((out / "model_index.yaml").read_text())["model-index"][0]
     assert index["name"] == "toy defence"
 
@@ -244,6 +248,7 @@ def test_model_info_threat_model_and_eps():
         "L2", "Linf", "Linf", None]
     summary = {"images": 4, "clean_accuracy": 0.75, "robust_accuracy": {"pgd-eot-l2": 0.5, "cw": 0.0},
                "robust_accuracy_by_threat_model": {"L2": 0.5}, "nfe_per_purification": 2, "seeds": "",
+               "passes_per_prediction": 1,
                "config": {"settings": {"eps": 8 / 255, "eps_l2": 0.5}, "runs": 1, "seed": 0, "batch_size": 4,
                           "vote": "majority"}}
     info = model_info(summary, "m", "cifar10")

@@ -218,7 +218,8 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     if rank != 0:
         return None
     records = {**done, **{r["index"]: r for r in new}}
-    summary = summarize([records[i] for i in indices if i in records], attacks, run_config)
+    summary = {**summarize([records[i] for i in indices if i in records], attacks, run_config),
+               "passes_per_prediction": defended.passes}
     if run_missing:
         (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (output / "summary.md").write_text(summary_markdown(summary))

@@ -3,9 +3,10 @@
 ``purifytf eval`` writes both next to its summary: ``model_info.json`` (RobustBench's fields: ``name``,
 ``dataset``, ``threat_model``, ``eps`` as ``"8/255"``, ``clean_acc``, ``autoattack_acc`` when AutoAttack
 ran, ``external`` for the per-image minimum over every attack of the threat model, accuracies in percent
-as strings with two decimals, ``number_forward_passes``; our attack settings, seeds and image count under
-``"purifytf"``) and ``model_index.yaml`` (the card metadata block). ``hub.model_card(purifier,
-eval_run=OUTPUT)`` puts the same model-index into the card ``save_pretrained``/``push_to_hub`` write.
+as strings with two decimals, ``number_forward_passes`` (one for a seeded defence); our attack settings,
+seeds and image count under ``"purifytf"``) and ``model_index.yaml`` (the card metadata block).
+``hub.model_card(purifier, eval_run=OUTPUT)`` puts the same model-index into the card
+``save_pretrained``/``push_to_hub`` write.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def model_info(summary: dict, name: str, dataset: str) -> dict:
     if attacks != ["autoattack-rand"] and model in minima:
         info["external"] = _percent(minima[model])
         info["footnote"] = f"per-image minimum over {', '.join(attacks)} (adaptive evaluation, purifytf eval)"
-    info["number_forward_passes"] = config["runs"]
+    info["number_forward_passes"] = summary["passes_per_prediction"]
     info["purifytf"] = {
         "images": summary["images"], "attacks": list(summary["robust_accuracy"]),
         "robust_acc_per_attack": {a: _percent(v) for a, v in summary["robust_accuracy"].items()},
