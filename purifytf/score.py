@@ -23,9 +23,10 @@ def expected_perturbation_score(
 ) -> Tensor:
     """EPS of ``x`` (B,C,H,W) in model space [-1, 1] over levels ``k = 1..num_steps``; returns (B,C,H,W).
 
-    One network call per level on the whole batch, summed as it goes: memory is that of a single
-    call whatever ``num_steps``. Each ``z_k`` is one (1,C,H,W) draw shared by the batch (common random
-    numbers), so a sample's EPS depends on the sample and the generator only, not on its batch-mates.
+    One network call per level on the whole batch, summed as it goes: without gradients, memory is that
+    of a single call whatever ``num_steps`` (with them, autograd keeps every call's graph). Each ``z_k``
+    is one (1,C,H,W) draw shared by the batch (common random numbers), so a sample's EPS depends on the
+    sample and the generator only, not on its batch-mates.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

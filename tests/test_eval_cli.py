@@ -9,8 +9,10 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from purifytf import DiffPurify, create_purifier
+from purifytf import DefendedModel, DiffPurify, create_purifier
+from purifytf.attacks import AttackSettings, parse_attacks
 from purifytf.evaluation import harness, load_dataset, load_records
 from purifytf.evaluation.cli import main
 from purifytf.evaluation.loading import load_classifier, load_purifier
@@ -111,6 +113,28 @@ def test_resume_after_interruption(setup, tmp_path, monkeypatch):
     assert comparable(load_records(out)) == comparable(load_records(tmp_path / "full"))
     summaries = [json.loads((d / "summary.json").read_text()) for d in (out, tmp_path / "full")]
     assert summaries[0]["robust_accuracy"] == summaries[1]["robust_accuracy"]
+
+
+class _Noisy(nn.Module):
+    """A stochastic purifier whose noise decides most predictions."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+def test_the_vote_on_adversarial_images_never_replays_the_clean_vote():
+    """A transfer FGSM draws no random numbers: the RNG it leaves is where the clean vote began, so a vote
+    continuing from it would see the clean vote's noise and agree with it image for image."""
+    torch.manual_seed(0)
+    defended = DefendedModel(_Noisy(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), runs=1, normalize=None)
+    x = torch.rand(64, 3, 8, 8)
+    torch.manual_seed(7)
+    y = defended.predict(x)  # labels: the clean vote of seed 7, so every image is correctly classified
+    records = harness.evaluate_batch(defended, x, y, parse_attacks("fgsm@transfer"), AttackSettings(eps=1e-7), 7)
+    assert all(r["clean_correct"] for r in records)
+    judged = [r["attacks"]["fgsm@transfer"]["pred"] for r in records]
+    torch.manual_seed(harness.judge_seed(7))
+    assert judged == defended.predict(x).tolist() != y.tolist()  # x_adv is x to 1e-7: only the noise differs
 
 
 def test_more_images_extend_a_run_but_another_configuration_is_refused(setup, tmp_path, capsys):

@@ -157,6 +157,8 @@ def test_argument_errors(oracle, images):
     clf = tiny_cnn()
     with pytest.raises(ValueError, match="t_s < t_l"):
         SaliencyDiffPurify(oracle, clf, t_l=0.1, t_s=0.2)
+    with pytest.raises(ValueError, match="at least one step above"):
+        SaliencyDiffPurify(oracle, clf, t_l=0.2004, t_s=0.2)  # both 200 steps of 1000
     with pytest.raises(ValueError, match="mask must be one of"):
         SaliencyDiffPurify(oracle, clf, mask="soft")
     with pytest.raises(TypeError, match="nn.Module"):

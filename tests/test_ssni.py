@@ -148,6 +148,8 @@ def test_constructor_checks(references):
         SSNIPurify(base, tau=0.0)
     with pytest.raises(ValueError, match="eps_steps"):
         SSNIPurify(base, eps_steps=0)
+    with pytest.raises(ValueError, match="every sample would get the lowest level"):
+        SSNIPurify(base, bias=-0.3)  # t* + bias = 0 steps
     with pytest.raises(ValueError, match="lacks"):
         SSNIPurify(base, stats={"mean": 1.0})
     with pytest.raises(ValueError, match="degenerate"):

@@ -2,7 +2,8 @@
 
 Images run in fixed batches (consecutive dataset indices of the run, seed ``seed`` + the batch's
 first index): the defence's clean prediction, then every attack (each started from the same seeded
-RNG state, as one batch of the correctly classified images) judged by the defence's vote. An image
+RNG state, as one batch of the correctly classified images) judged by the defence's vote, whose noise
+comes from a stream of its own (the same for every attack), never the clean vote's. An image
 is robust only if it is classified correctly and every attack fails. Records go to
 ``OUTPUT/images.jsonl`` (rank ``r > 0`` of a distributed run: ``images.rank{r}.jsonl``) one line
 per image, flushed after each batch; a rerun redoes only the batches with missing images. Rank 0 then writes
@@ -30,15 +31,24 @@ from tqdm.auto import tqdm
 from ..attacks import Attack, AttackSettings
 from ..defended import DefendedModel
 from ..nfe import count_nfe
+from ..random import stream_seed
 from .report import threat_model
 
-__all__ = ["evaluate", "evaluate_batch", "load_records", "summarize", "summary_markdown"]
+__all__ = ["evaluate", "evaluate_batch", "judge_seed", "load_records", "summarize", "summary_markdown"]
 
 RUN_FILE = "run.json"
 
 
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
+
+
+def judge_seed(seed: int) -> int:
+    """The seed of the votes on a batch's adversarial images: a stream apart from the clean vote's (``seed``).
+    Were the vote to continue the attack's RNG state, an attack that draws no random numbers (a transfer
+    attack without random start) would leave it where the clean vote began, and the vote would replay the
+    clean vote's noise, overstating a stochastic defence's robustness."""
+    return stream_seed(seed, 0)
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -51,8 +61,9 @@ def _peak_memory_mib(device: torch.device) -> float:
 def evaluate_batch(defended: DefendedModel, images: torch.Tensor, labels: torch.Tensor, attacks: Sequence[Attack],
                    settings: AttackSettings, seed: int) -> list[dict]:
     """Images (B, C, H, W) in [0, 1] with labels (B,) -> one record per image (predictions, robustness per
-    attack, cost). The global RNG is seeded with ``seed`` before the clean pass and before each attack; the
-    attacks run on the correctly classified images only, as one batch."""
+    attack, cost). The global RNG is seeded with ``seed`` before the clean pass and before each attack, and
+    with :func:`judge_seed` ``(seed)`` before each vote on an attack's images; the attacks run on the correctly
+    classified images only, as one batch."""
     device = _device(defended)
     x, y = images.to(device), labels.to(device)
     if device.type == "cuda":
@@ -85,6 +96,7 @@ def _attack_batch(defended: DefendedModel, attack: Attack, x: torch.Tensor, y: t
     _seed_everything(seed)
     start = time.perf_counter()
     x_adv = attack(defended, x, y, settings)
+    _seed_everything(judge_seed(seed))
     pred = defended.predict(x_adv)
     seconds = (time.perf_counter() - start) / len(x)
     linf = (x_adv - x).flatten(1).abs().amax(1)

@@ -167,6 +167,9 @@ class SaliencyDiffPurify(DiffusionPurifier):
         self.stages = stages
         self.mask_grad = mask_grad
         self._features = StageFeatures(classifier, stages)
+        if self.small_level >= self.reference_level:
+            raise ValueError(f"t_s={t_s} and t_l={t_l} round to {self.small_level} and {self.reference_level} "
+                             f"steps of T = {self.schedule.num_steps}: t_l must be at least one step above t_s")
         self.check_level(self.reference_level, self.reference_setting)
 
     @property

@@ -132,9 +132,13 @@ class SSNIPurify(Purifier):
             self._calibration()
 
     def _check_range(self) -> None:
-        """The largest level SSNI can pick, ``t* + bias``, must lie within the backbone's ``max_t``."""
-        self.base.check_level(self.base.reference_level + self.bias * self.base.schedule.num_steps,
-                              f"SSNI's t* + bias (bias={self.bias})")
+        """The largest level SSNI can pick, ``t* + bias``, must be at least one step and lie within the
+        backbone's ``max_t``."""
+        top = self.base.reference_level + self.bias * self.base.schedule.num_steps
+        setting = f"SSNI's t* + bias (bias={self.bias})"
+        if top < 1:
+            raise ValueError(f"{setting} is {top:g} steps: every sample would get the lowest level, 1 step")
+        self.base.check_level(top, setting)
 
     @property
     def in_channels(self) -> int:
