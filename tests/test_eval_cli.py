@@ -137,6 +137,20 @@ def test_the_vote_on_adversarial_images_never_replays_the_clean_vote():
     assert judged == defended.predict(x).tolist() != y.tolist()  # x_adv is x to 1e-7: only the noise differs
 
 
+def test_records_hold_the_perturbation_norms_of_either_threat_model():
+    torch.manual_seed(0)
+    undefended = DefendedModel(None, nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), normalize=None)
+    x = torch.rand(16, 3, 8, 8)
+    y = undefended.predict(x)
+    settings = AttackSettings(eps=4 / 255, eps_l2=0.25, steps=5)
+    records = harness.evaluate_batch(undefended, x, y, parse_attacks("pgd-eot-linf,pgd-eot-l2"), settings, 0)
+    norms = torch.tensor([[r["attacks"][a][n] for r in records] for a in ("pgd-eot-linf", "pgd-eot-l2")
+                         for n in ("linf", "l2")])
+    assert torch.allclose(norms[0], torch.tensor(4 / 255)) and (norms[1] >= norms[0]).all()  # Linf: on the box
+    assert (norms[3] <= 0.25 + 1e-6).all() and (norms[3] > 0.24).all()  # L2: in the ball (clipping to [0, 1]
+    assert (norms[2] <= norms[3]).all()  # may pull an image inside)
+
+
 def test_more_images_extend_a_run_but_another_configuration_is_refused(setup, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main([*setup, "--output", out, "--num-images", "2"]) == 0

@@ -92,16 +92,18 @@ def evaluate_batch(defended: DefendedModel, images: torch.Tensor, labels: torch.
 
 def _attack_batch(defended: DefendedModel, attack: Attack, x: torch.Tensor, y: torch.Tensor,
                   settings: AttackSettings, seed: int) -> list[dict]:
-    """Per-image results of one attack on a batch (seconds: the batch's time per image)."""
+    """Per-image results of one attack on a batch: prediction, robustness, the perturbation's Linf and L2
+    norms, seconds (the batch's time per image)."""
     _seed_everything(seed)
     start = time.perf_counter()
     x_adv = attack(defended, x, y, settings)
     _seed_everything(judge_seed(seed))
     pred = defended.predict(x_adv)
     seconds = (time.perf_counter() - start) / len(x)
-    linf = (x_adv - x).flatten(1).abs().amax(1)
-    return [{"robust": p == label, "pred": p, "linf": d, "seconds": seconds}
-            for p, label, d in zip(pred.tolist(), y.tolist(), linf.tolist(), strict=True)]
+    delta = (x_adv - x).flatten(1)
+    return [{"robust": p == label, "pred": p, "linf": linf, "l2": l2, "seconds": seconds}
+            for p, label, linf, l2 in zip(pred.tolist(), y.tolist(), delta.abs().amax(1).tolist(),
+                                          delta.norm(dim=1).tolist(), strict=True)]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
