@@ -1,5 +1,6 @@
 """purifytf: adversarial purification of classifier inputs, as torchvision transforms."""
 
+from . import pretrained  # the model entry points (hubconf.py re-exports them)
 from .base import Purifier
 from .defended import DefendedModel
 from .diffusion import Backbone, DiffusersUNet, GuidedDiffusionUNet, NoiseSchedule, OracleBackbone
@@ -41,4 +42,5 @@ __all__ = [
     "default_defences",
     "list_purifiers",
     "load_purifier",
+    "pretrained",
 ]

@@ -74,6 +74,9 @@ class AttackSettings:
         for name in ("eps", "step", "eps_l2"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.eps > 1 or self.step > 1:
+            raise ValueError(f"eps and step are in units of images in [0, 1], got eps={self.eps:g}, "
+                             f"step={self.step:g} (8/255 is written 8/255)")
         for name in ("steps", "apgd_steps", "eot"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -16,6 +16,7 @@ device, resizing, tv_tensor types, seeding, NFE bookkeeping).
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,10 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _is_image_like(inpt) -> bool:
-    return type(inpt) is Tensor or isinstance(inpt, (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image))
+    """Samples a purifier transforms: tensors, images, videos, and PIL images and NumPy arrays of 2+ dimensions
+    (which it refuses with a clear error rather than pass them through unpurified); labels pass through."""
+    return (type(inpt) is Tensor or isinstance(inpt, (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image))
+            or (isinstance(inpt, np.ndarray) and inpt.ndim >= 2))
 
 
 class Purifier(
@@ -163,8 +167,8 @@ class Purifier(
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 
     def transform(self, inpt, params):
-        if isinstance(inpt, PIL.Image.Image):
-            check_images(inpt, None, 0)  # raises the PIL message
+        if isinstance(inpt, (PIL.Image.Image, np.ndarray)):
+            check_images(inpt, None, 0)  # raises the PIL or NumPy message
         if isinstance(inpt, tv_tensors.TVTensor):
             return tv_tensors.wrap(self.purify(inpt.as_subclass(Tensor)), like=inpt)
         return self.purify(inpt)

@@ -118,16 +118,17 @@ class Configurable(PyTorchModelHubMixin):
 
     # --- rebuilding --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict[str, Any], **kwargs) -> "Configurable":
+    def from_config(cls, config: dict[str, Any], *, optional: tuple[str, ...] = (), **kwargs) -> "Configurable":
         """Rebuild the object ``config`` describes (weights random or empty).
 
         ``config`` must name ``cls`` or a subclass; configs that name no class (written before class
         names were recorded) are read as ``cls``'s, converted by :meth:`_upgrade_legacy`. ``kwargs`` go to
-        every part (this one or nested) whose constructor takes them; one no part takes is an error.
+        every part (this one or nested) whose constructor takes them; one no part takes is an error, unless
+        ``optional`` names it (what a caller offers every kind of purifier, e.g. a command line's classifier).
         """
         used: set[str] = set()
         built = cls._build_config(config, kwargs, used)
-        unused = sorted(set(kwargs) - used)
+        unused = sorted(set(kwargs) - used - set(optional))
         if unused:
             raise TypeError(f"{type(built).__name__}.from_config: no part takes {unused}")
         return built
@@ -215,7 +216,8 @@ class Configurable(PyTorchModelHubMixin):
         """Load from a local folder or a Hub repo id, whatever class was saved (a subclass of ``cls``).
 
         Weights load strictly (missing or unexpected ones are an error). ``kwargs``: settings that
-        are not saved (``classifier=`` for a saliency purifier, wherever it is nested) or overrides.
+        are not saved (``classifier=`` for a saliency purifier, wherever it is nested) or overrides, and
+        ``optional`` (:meth:`from_config`).
         """
         download = {"force_download": force_download, "token": token, "cache_dir": cache_dir,
                     "local_files_only": local_files_only, "revision": revision}

@@ -22,7 +22,7 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def resolve_normalization(classifier: nn.Module, normalize) -> Normalization | None:
-    """The (mean, std) the classifier expects, or ``None`` for inputs in [0, 1].
+    """The (mean, std) the classifier expects, or ``None`` for inputs in [0, 1] as they are.
 
     ``normalize`` is ``"auto"`` (the timm model's ``pretrained_cfg``, via
     ``timm.data.resolve_model_data_config``), torchvision weights (``weights.transforms()``),
@@ -39,7 +39,8 @@ def resolve_normalization(classifier: nn.Module, normalize) -> Normalization | N
         from timm.data import resolve_model_data_config
 
         config = resolve_model_data_config(classifier)
-        return tuple(config["mean"]), tuple(config["std"])
+        mean, std = tuple(config["mean"]), tuple(config["std"])
+        return None if set(mean) == {0} and set(std) == {1} else (mean, std)  # inputs in [0, 1] as they are
     if hasattr(normalize, "transforms"):
         preset = normalize.transforms()
         return tuple(preset.mean), tuple(preset.std)

@@ -15,12 +15,15 @@ def check_images(x: object, channels: int | None, min_size: int) -> Tensor:
     """Validate an image tensor ``(..., C, H, W)`` in [0, 1] and return it as ``(B, C, H, W)``.
 
     Raises:
-        TypeError: PIL images, non-tensors, non-float dtypes.
+        TypeError: PIL images, NumPy arrays, non-tensors, non-float dtypes.
         ValueError: too few dims, empty batch, wrong channel count, too small, NaN/Inf, out of range.
     """
     if type(x).__module__.startswith("PIL."):
         raise TypeError("got a PIL image; purifiers take float tensors in [0, 1]: "
                         "add v2.ToImage() and v2.ToDtype(torch.float32, scale=True) before the purifier")
+    if type(x).__module__ == "numpy":
+        raise TypeError("got a NumPy array; purifiers take float tensors (..., C, H, W) in [0, 1]: add v2.ToImage() "
+                        "(an (H, W, C) array) and v2.ToDtype(torch.float32, scale=True) before the purifier")
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a float image tensor (..., C, H, W), got {type(x).__name__}")
     if not x.is_floating_point():
@@ -33,13 +36,22 @@ def check_images(x: object, channels: int | None, min_size: int) -> Tensor:
     c, h, w = x.shape[-3:]
     if channels is not None and c != channels:
         raise ValueError(f"this purifier's model takes {channels}-channel images, got {c} channels "
-                         f"(shape {tuple(x.shape)}); for (H, W, C) arrays add v2.ToImage()")
+                         f"(shape {tuple(x.shape)}); {_channel_hint(x.shape, channels)}")
     if min(h, w) < min_size:
         raise ValueError(f"image of {h}x{w} is smaller than the {min_size}x{min_size} this purifier can handle")
     lo, hi = torch.aminmax(x.detach())
     if not (torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -RANGE_TOLERANCE) & (hi <= 1 + RANGE_TOLERANCE)):
         _raise_values(x, lo, hi)  # one data-dependent branch: one graph break under torch.compile
     return x.reshape(-1, c, h, w)
+
+
+def _channel_hint(shape: torch.Size, channels: int) -> str:
+    """What to put before the purifier to give it ``channels`` channels."""
+    if shape[-1] == channels:
+        return "this looks like (H, W, C): add v2.ToImage() (or permute to (C, H, W))"
+    if channels == 1:
+        return "add v2.Grayscale() before the purifier"
+    return "add v2.RGB() before the purifier" if channels == 3 else f"give it {channels} channels"
 
 
 def _raise_values(x: Tensor, lo: Tensor, hi: Tensor) -> None:

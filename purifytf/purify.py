@@ -8,8 +8,10 @@
 Outputs keep the inputs' sizes, file names and formats (a folder's sub-folders are kept under
 ``--out``); no input is ever overwritten. Images are read as grey or RGB to fit the purifier's
 channels: grey images are repeated to RGB, and RGB images whose three channels are equal count as
-grey; a colour image for a grey purifier is an error. ``--seed`` makes the purification
-deterministic (the purifier's ``seed``).
+grey; a colour image for a grey purifier is an error, and so are 16-bit and floating-point images. Every
+input is read and checked before the first output is written. ``--seed`` makes the purification
+deterministic (the purifier's ``seed``). A saved saliency purifier needs ``--classifier``, the architecture
+of the classifier saved with it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .evaluation.loading import load_purifier
+from .evaluation.loading import load_classifier, load_purifier
 
 __all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "purify_files",
            "read_image", "run"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _GREY_MODES = ("1", "L", "LA")
+_DEEP_MODES = ("I", "F")  # 32-bit integer and float images; PIL's 16-bit modes start with "I;16"
 DEFAULT_PURIFIER = "saliency_diffpure.fashion_mnist"
 """The embedded default: SaliencyDiffPurify on the bundled Fashion-MNIST DDPM (28x28 grey, 10 NFE)."""
 
@@ -73,9 +76,16 @@ def _check_destinations(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path
 
 
 def read_image(path: Path, channels: int | None) -> Tensor:
-    """(C, H, W) float in [0, 1], grey (C = 1) or RGB (C = 3) as ``channels`` needs (``None``: as stored)."""
-    with PIL.Image.open(path) as image:
-        array = np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"), dtype=np.float32) / 255
+    """(C, H, W) float in [0, 1], grey (C = 1) or RGB (C = 3) as ``channels`` needs (``None``: as stored).
+    8-bit images only: 16-bit and floating-point ones are refused (converting them would clip)."""
+    try:
+        with PIL.Image.open(path) as image:
+            if image.mode in _DEEP_MODES or image.mode.startswith("I;16"):
+                raise ValueError(f"{path}: a {image.mode} image (16-bit or floating point); purifytf purify reads "
+                                 "8-bit images: convert it to 8 bits first")
+            array = np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"), dtype=np.float32) / 255
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from error
     x = torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1)
     if channels is None or x.shape[0] == channels:
         return x
@@ -97,15 +107,15 @@ def _write_image(x: Tensor, path: Path) -> None:
 @torch.no_grad()
 def purify_files(purifier: nn.Module, pairs: list[tuple[Path, Path]], batch_size: int = 16,
                  device: torch.device | str = "cpu", progress: bool = True) -> int:
-    """Purify every ``(source, destination)`` pair, ``batch_size`` images of one size and mode per call (read
-    batch by batch). Returns the number of images written."""
+    """Purify every ``(source, destination)`` pair, ``batch_size`` images of one shape per call. Every image is
+    read and checked first (nothing is written if one is refused), then read again batch by batch. Returns the
+    number of images written."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     channels = getattr(purifier, "in_channels", None)
     groups: dict[tuple, list[tuple[Path, Path]]] = {}
     for pair in pairs:
-        with PIL.Image.open(pair[0]) as image:  # the header only
-            groups.setdefault((image.size, image.mode in _GREY_MODES), []).append(pair)
+        groups.setdefault(tuple(read_image(pair[0], channels).shape), []).append(pair)
     with tqdm(total=len(pairs), desc="purify", unit="image", disable=not progress, dynamic_ncols=True) as bar:
         for members in groups.values():
             for start in range(0, len(members), batch_size):
@@ -124,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purifier", default=DEFAULT_PURIFIER,
                         help="a name of `purifytf.factory.list_purifiers()` (pretrained weights; *.fashion_mnist are "
                              f"embedded), a saved directory or a Hub repo id (default {DEFAULT_PURIFIER})")
+    parser.add_argument("--classifier", help="a saved saliency purifier's classifier architecture, e.g. "
+                        "purifytf:fashion_mnist_cnn (its weights come from the saved folder)")
     parser.add_argument("--seed", type=int, help="deterministic purification with this seed")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -133,8 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _pairs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     if args.out is not None:
         return collect_images(args.inputs, args.out)
-    if len(args.inputs) == 2 and args.inputs[0].is_file() and args.inputs[1].suffix.lower() in IMAGE_SUFFIXES:
+    if len(args.inputs) == 2 and args.inputs[1].suffix.lower() in IMAGE_SUFFIXES:
         source, destination = args.inputs
+        if source.is_dir():
+            raise ValueError(f"{source} is a folder: give the output folder with --out")
         if destination.exists():  # maybe a second input, not an output: never overwrite it
             raise ValueError(f"{destination} exists: to purify both files give --out FOLDER; to replace an "
                              "earlier output, delete it first")
@@ -149,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         pairs = _pairs(args)
         if args.purifier == "none":
             raise ValueError("--purifier none purifies nothing: give a purifier")
-        purifier = load_purifier(args.purifier, seed=args.seed).to(device)
+        classifier = load_classifier(args.classifier) if args.classifier else None
+        purifier = load_purifier(args.purifier, seed=args.seed, classifier=classifier).to(device)
         count = purify_files(purifier, pairs, args.batch_size, device, args.progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"purifytf purify: error: {error}", file=sys.stderr)

@@ -107,7 +107,8 @@ def test_parse_attacks_errors(text, message):
         parse_attacks(text)
 
 
-@pytest.mark.parametrize("field, value", [("eps", 0.0), ("steps", 0), ("apgd_steps", 0), ("eot", 0), ("eot_batch", 0)])
+@pytest.mark.parametrize("field, value", [("eps", 0.0), ("eps", 8.0), ("step", 2.0), ("steps", 0), ("apgd_steps", 0),
+                                          ("eot", 0), ("eot_batch", 0)])
 def test_settings_errors(field, value):
     with pytest.raises(ValueError, match=field):
         AttackSettings(**{field: value})

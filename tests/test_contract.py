@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -83,6 +84,9 @@ def test_sizes_other_than_the_backbone_are_resized_in_and_out(references):
         (lambda: torch.rand(0, 1, 8, 8), ValueError, "empty"),
         (lambda: torch.rand(8, 8), ValueError, r"\(C, H, W\)"),
         (lambda: [[0.5]], TypeError, "tensor"),
+        (lambda: np.random.rand(8, 8, 1).astype(np.float32), TypeError, "NumPy array.*v2.ToImage"),
+        (lambda: torch.rand(8, 8, 1), ValueError, r"looks like \(H, W, C\)"),
+        (lambda: torch.rand(3, 8, 8), ValueError, r"v2\.Grayscale\(\)"),
     ],
 )
 def test_bad_inputs_get_clear_errors(purifier, make, error, match):
@@ -90,9 +94,17 @@ def test_bad_inputs_get_clear_errors(purifier, make, error, match):
         purifier.purify(make())
 
 
-def test_pil_error_through_the_transform_call(purifier):
+def test_pil_and_numpy_errors_through_the_transform_call(purifier):
+    """Non-tensor images are refused, never passed through unpurified; labels and 1-d arrays pass through."""
     with pytest.raises(TypeError, match="ToImage"):
         purifier(PIL.Image.new("L", (8, 8)))
+    for array in (np.random.rand(1, 8, 8).astype(np.float32), np.zeros((8, 8), np.uint8)):
+        with pytest.raises(TypeError, match="NumPy array"):
+            purifier(array)
+        with pytest.raises(TypeError, match="NumPy array"):
+            v2.Compose([purifier])(array, 3)
+    image, label, one_hot = purifier(torch.rand(1, 8, 8), 3, np.eye(4)[1])
+    assert image.shape == (1, 8, 8) and label == 3 and one_hot.tolist() == [0, 1, 0, 0]
 
 
 def test_too_small_image(references):

@@ -10,6 +10,7 @@ from torchvision.models import ResNet18_Weights
 from purifytf import DiffPurify, OracleBackbone
 from purifytf.attacks import eot_gradient
 from purifytf.defended import DefendedModel, adapt_normalization, input_channels, resolve_normalization
+from purifytf.models.classifiers import AllConvNet, SmallCNN
 
 
 def _linear(pixels: int = 16, classes: int = 3, scale: float = 1.0) -> nn.Module:
@@ -50,6 +51,8 @@ def test_normalization_sources():
     assert resolve_normalization(nn.Identity(), None) is None
     with pytest.raises(ValueError, match="pretrained_cfg"):
         resolve_normalization(nn.Identity(), "auto")
+    for own in (SmallCNN(), AllConvNet()):  # purifytf's classifiers take [0, 1] as it is
+        assert resolve_normalization(own, "auto") is None and DefendedModel(None, own).normalization is None
     with pytest.raises(ValueError, match="positive std"):
         resolve_normalization(nn.Identity(), ([0.5], [0.0]))
 

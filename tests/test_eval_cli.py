@@ -210,6 +210,26 @@ def test_purifier_by_variant_name_is_pretrained():
     torch.testing.assert_close(purifier.state_dict(), expected.state_dict())
     with pytest.raises(ValueError, match="unknown purifier 'diffpure'.*one of"):
         load_purifier("diffpure")
+    with pytest.raises(ValueError, match="diffpure.fashion_mnist.*unexpected keyword argument 'step'"):
+        load_purifier("diffpure.fashion_mnist", options={"step": 2})
+
+
+def test_a_saved_saliency_purifier_gets_a_copy_of_the_classifier_architecture(tmp_path):
+    """The CLI's classifier gives a saved SaliencyDiffPurify its architecture; the copy takes the saved weights
+    and the classifier passed in is not changed. Purifiers without a classifier ignore it."""
+    from purifytf.classifiers import fashion_mnist_cnn
+
+    saved = create_purifier("saliency_diffpure.fashion_mnist", pretrained=True)
+    saved.save_pretrained(tmp_path / "sdp")
+    untrained = fashion_mnist_cnn(pretrained=False)
+    before = {k: v.clone() for k, v in untrained.state_dict().items()}
+    with pytest.raises(ValueError, match="needs classifier="):
+        load_purifier(str(tmp_path / "sdp"))
+    loaded = load_purifier(str(tmp_path / "sdp"), classifier=untrained)
+    torch.testing.assert_close(loaded.state_dict(), saved.state_dict())
+    torch.testing.assert_close(untrained.state_dict(), before)
+    create_purifier("diffpure.fashion_mnist", pretrained=True).save_pretrained(tmp_path / "dp")
+    assert isinstance(load_purifier(str(tmp_path / "dp"), classifier=untrained), DiffPurify)
 
 
 def test_timm_classifier_with_safetensors_weights(tmp_path):

@@ -67,6 +67,8 @@ def test_never_overwrites_its_inputs(tmp_path, images, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["missing.png", "--out", "o"], "no such file or folder"),
+    (["missing.png", "o.png"], "missing.png: no such file or folder"),
+    (["in", "o.png"], "in is a folder: give the output folder with --out"),
     (["a.txt", "--out", "o"], "not a PNG or JPEG"),
     (["in"], "--out FOLDER"),
     (["in", "--out", "o", "--purifier", "resnet"], "unknown purifier 'resnet'"),
@@ -90,6 +92,33 @@ def test_channels_follow_the_purifier(tmp_path, capsys):
     assert main(["purify", str(grey), str(colour), "--out", str(out), "--purifier", str(tmp_path / "rgb"),
                  "--no-progress"]) == 0
     assert [_pixels(out / name)[:2] for name in ("grey.png", "colour.png")] == [("RGB", (20, 24))] * 2
+
+
+def test_every_input_is_checked_before_anything_is_written(tmp_path, capsys):
+    """A refused image anywhere (colour for a grey purifier, 16-bit, unreadable) stops the run before it writes."""
+    _png(tmp_path / "in" / "a.png")
+    bad = {"colour.png": "colour image", "deep.png": "a I;16 image (16-bit or floating point)",
+           "broken.png": "not a readable image"}
+    _png(tmp_path / "bad" / "colour.png", mode="RGB")
+    Image.fromarray(np.full((4, 5), 40000, np.uint16)).save(tmp_path / "bad" / "deep.png")
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
+    for name, message in bad.items():
+        out = tmp_path / f"out-{name}"
+        assert main(["purify", str(tmp_path / "in"), str(tmp_path / "bad" / name), "--out", str(out),
+                     "--no-progress"]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_saved_saliency_purifier_takes_its_classifier_architecture(tmp_path, images, capsys):
+    create_purifier("saliency_diffpure.fashion_mnist", pretrained=True).save_pretrained(tmp_path / "sdp")
+    args = ["purify", str(images[0]), "--out", str(tmp_path / "o"), "--purifier", str(tmp_path / "sdp"), "--seed", "0",
+            "--no-progress"]
+    assert main(args) == 2
+    assert "needs classifier=" in capsys.readouterr().err
+    assert main([*args, "--classifier", "purifytf:fashion_mnist_cnn"]) == 0
+    expected = _pixels(tmp_path / "o" / "a.png")
+    assert main(["purify", str(images[0]), "--out", str(tmp_path / "named"), "--seed", "0", "--no-progress"]) == 0
+    np.testing.assert_array_equal(_pixels(tmp_path / "named" / "a.png")[2], expected[2])  # the same purifier
 
 
 def test_grey_stored_as_rgb_counts_as_grey(tmp_path):

@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("defence")
     model.add_argument("--purifier", required=True,
                        help="'none', a name of purifytf.list_purifiers() (pretrained), a saved directory or Hub "
-                            "repo id (with --purifier-class), or module:function")
-    model.add_argument("--purifier-class", help="purifier class of a saved directory, e.g. DiffPurify")
+                            "repo id (a saved saliency purifier's classifier has --classifier's architecture), or "
+                            "module:function")
+    model.add_argument("--purifier-class", help="check that a saved directory holds this class, e.g. DiffPurify")
     model.add_argument("--purifier-option", action="append", metavar="KEY=VALUE",
                        help="constructor/loading argument of the purifier (JSON value), repeatable")
     model.add_argument("--checkpoint", action="store_true",
@@ -59,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
     model.add_argument("--num-classes", type=int, help="classes of a timm classifier")
     model.add_argument("--normalize", default="auto",
-                       help="auto (timm pretrained_cfg), none, torchvision weights name, or MEAN,..:STD,..")
-    model.add_argument("--runs", type=int, default=10, help="purifications per prediction (vote)")
-    model.add_argument("--vote", choices=("majority", "logits"), default="majority")
+                       help="auto (timm pretrained_cfg; default), none, torchvision weights name, or MEAN,..:STD,..")
+    model.add_argument("--runs", type=int, default=10, help="purifications per prediction (vote; default %(default)s)")
+    model.add_argument("--vote", choices=("majority", "logits"), default="majority",
+                       help="default %(default)s")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
@@ -74,22 +76,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets = ", ".join(f"{name}={'+'.join(methods)}" for name, methods in PRESETS.items())
     attack.add_argument("--attacks", default="lee-kim",
                         help=f"comma list of METHOD[@{'|'.join(ATTACK_VIEWS)}]; methods {', '.join(ATTACK_METHODS)}; "
-                             f"alias bpda-eot; presets {presets}")
-    attack.add_argument("--eps", type=_fraction, default=8 / 255, help="Linf radius (8/255)")
-    attack.add_argument("--step", type=_fraction, default=0.007, help="Linf step (0.007)")
-    attack.add_argument("--steps", type=int, default=200, help="PGD-EOT and FGSM-family iterations")
-    attack.add_argument("--apgd-steps", type=int, default=100, help="APGD / AutoAttack iterations")
-    attack.add_argument("--eot", type=int, default=20, help="EOT samples per PGD-EOT step")
+                             f"alias bpda-eot; presets {presets} (default %(default)s)")
+    attack.add_argument("--eps", type=_fraction, default=8 / 255, help="Linf radius in [0, 1], e.g. 8/255 (default)")
+    attack.add_argument("--step", type=_fraction, default=0.007, help="Linf step (default %(default)s)")
+    attack.add_argument("--steps", type=int, default=200,
+                        help="PGD-EOT and FGSM-family iterations (default %(default)s)")
+    attack.add_argument("--apgd-steps", type=int, default=100,
+                        help="APGD / AutoAttack iterations (default %(default)s)")
+    attack.add_argument("--eot", type=int, default=20, help="EOT samples per PGD-EOT step (default %(default)s)")
     attack.add_argument("--eot-batch", type=int, help="EOT samples per backward pass (memory)")
-    attack.add_argument("--eps-l2", type=_fraction, default=0.5)
+    attack.add_argument("--eps-l2", type=_fraction, default=0.5, help="L2 radius (default %(default)s)")
     attack.add_argument("--step-l2", type=_fraction, help="default 2.5 * eps_l2 / steps")
     attack.add_argument("--no-random-start", dest="random_start", action="store_false")
 
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--output", required=True, help="results directory (rerun to resume)")
-    run_group.add_argument("--seed", type=int, default=0, help="a batch runs with seed + its first image's index")
+    run_group.add_argument("--seed", type=int, default=0,
+                           help="a batch runs with seed + its first image's index (default %(default)s)")
     run_group.add_argument("--batch-size", type=int, default=32,
-                           help="images attacked together (results depend on it: it is part of the run's config)")
+                           help="images attacked together (results depend on it: it is part of the run's config; "
+                                "default %(default)s)")
     run_group.add_argument("--device", help="default: cuda if available (torchrun: GPU LOCAL_RANK mod GPUs), else cpu")
     run_group.add_argument("--no-progress", dest="progress", action="store_false")
     report = parser.add_argument_group("reports (model_info.json, model_index.yaml)")
@@ -117,9 +123,9 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
     attacks = parse_attacks(args.attacks)
     dataset = load_dataset(args.dataset, args.image_size)
     indices = select_indices(len(dataset), args.num_images, args.shuffle_seed)
-    purifier = load_purifier(args.purifier, args.purifier_class, parse_options(args.purifier_option),
-                             args.checkpoint, args.purifier_seed)
     classifier = load_classifier(args.classifier, args.classifier_weights, args.pretrained, args.num_classes)
+    purifier = load_purifier(args.purifier, args.purifier_class, parse_options(args.purifier_option),
+                             args.checkpoint, args.purifier_seed, classifier)
     defended = DefendedModel(purifier, classifier, runs=args.runs, vote=args.vote,
                              normalize=parse_normalize(args.normalize)).to(device)
     config = {k: v for k, v in vars(args).items() if k not in _NOT_IN_CONFIG and not callable(v)}

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -42,11 +43,13 @@ def parse_options(items: list[str] | None) -> dict:
 
 
 def load_purifier(spec: str, cls: str | None = None, options: dict | None = None, checkpoint: bool = False,
-                  seed: int | None = None) -> nn.Module | None:
+                  seed: int | None = None, classifier: nn.Module | None = None) -> nn.Module | None:
     """The purifier ``spec`` names (``None`` for ``"none"``); see the module doc.
 
     ``checkpoint`` switches on gradient checkpointing in every part that has it (also purifiers
-    wrapped by others); ``seed`` makes the purifier deterministic (``Purifier.seed``).
+    wrapped by others); ``seed`` makes the purifier deterministic (``Purifier.seed``). ``classifier``: the
+    architecture of a saved saliency purifier's classifier (a saved directory or repo id; a copy receives the
+    saved weights, ``classifier`` itself is not changed); unused by other purifiers.
     """
     options = options or {}
     if spec == "none":
@@ -56,15 +59,20 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
     from ..factory import create_purifier, list_purifiers
     from ..factory import load_purifier as load_saved
 
-    if _is_entry_point(spec):
-        purifier = entry_point(spec)(**options)
-    elif spec in list_purifiers():
-        purifier = create_purifier(spec, pretrained=True, **options)
-    elif Path(spec).is_dir() or spec.count("/") == 1:
-        purifier = load_saved(spec, **options)  # config.json names the class
-    else:
-        raise ValueError(f"unknown purifier {spec!r}: give 'none', a saved directory, a Hub repo id, module:function "
-                         f"or one of {list_purifiers()}")
+    try:
+        if _is_entry_point(spec):
+            purifier = entry_point(spec)(**options)
+        elif spec in list_purifiers():
+            purifier = create_purifier(spec, pretrained=True, **options)
+        elif Path(spec).is_dir() or spec.count("/") == 1:
+            shared = {} if classifier is None else {"classifier": copy.deepcopy(classifier),
+                                                    "optional": ("classifier",)}
+            purifier = load_saved(spec, **shared, **options)  # config.json names the class
+        else:
+            raise ValueError(f"unknown purifier {spec!r}: give 'none', a saved directory, a Hub repo id, "
+                             f"module:function or one of {list_purifiers()}")
+    except TypeError as error:  # an option the purifier does not take, or an argument it needs
+        raise ValueError(f"purifier {spec!r}: {error}") from error
     if cls and type(purifier).__name__ != cls:
         raise ValueError(f"{spec!r} holds a {type(purifier).__name__}, not a {cls} (the class is read from the "
                          "purifier, e.g. its config.json: --purifier-class is not needed)")

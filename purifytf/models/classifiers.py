@@ -8,12 +8,19 @@ from torch import Tensor, nn
 __all__ = ["AllConvNet", "SmallCNN"]
 
 
+class _UnitRangeInput:
+    """timm's ``pretrained_cfg`` of a network that takes images in [0, 1] as they are (mean 0, std 1), so
+    ``DefendedModel(..., normalize="auto")`` and ``purifytf eval --normalize auto`` need no statistics."""
+
+    pretrained_cfg = {"mean": (0.0,), "std": (1.0,)}
+
+
 def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
                          nn.ReLU(inplace=True))
 
 
-class SmallCNN(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
+class SmallCNN(_UnitRangeInput, nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
                tags=["image-classification", "purifytf"]):
     """Two VGG-style stages (2 x conv3x3-BN-ReLU, max-pool) and a two-layer head.
 
@@ -41,7 +48,7 @@ class SmallCNN(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license
         return self.head(self.stage2(self.stage1(x * 2 - 1)))
 
 
-class AllConvNet(nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
+class AllConvNet(_UnitRangeInput, nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
                  tags=["image-classification", "purifytf"]):
     """All-convolutional: conv3x3-BN-ReLU layers (the 2nd and 4th of stride 2), global average pooling, one
     linear layer; no max pooling, no dense hidden layer. The held-out architecture: it checks that a purifier
