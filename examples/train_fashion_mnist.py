@@ -153,7 +153,7 @@ def train_ddpm(args, out: Path) -> None:
                           max_t=args.ddpm_max_t, t_power=args.ddpm_t_power)
     work = args.checkpoints or out / "ddpm"
     if args.resume and (work / STATE_FILE).exists():
-        trainer.load(work)
+        trainer.load(work, adopt=("steps",) if args.ddpm_seconds else ())  # the horizon its speed probe measured
     sittings = read_sittings(work / "sittings.json", args.resume)
     if args.ddpm_seconds and trainer.step == 0:
         start = time.perf_counter()

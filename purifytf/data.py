@@ -21,12 +21,27 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 __all__ = ["ArrayData", "FASHION_MNIST_IDX", "ImageFolderData", "NO_LABEL", "fashion_mnist", "load_array", "open_data",
-           "read_idx", "to_images", "torchvision_dataset"]
+           "read_idx", "to_8bit", "to_images", "torchvision_dataset"]
 
 NO_LABEL = -1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def to_8bit(image: PIL.Image.Image, grey: bool | None = None) -> PIL.Image.Image:
+    """``image`` as 8-bit grey (``"L"``) or RGB: as ``grey`` says, or by its own mode when ``None``.
+
+    16-bit grey is scaled (65535 -> 255), not clipped as ``Image.convert`` does; 32-bit integer and float
+    images (modes ``I``, ``F``), whose range the file does not state, raise a ``ValueError``.
+    """
+    if image.mode in ("I", "F"):
+        raise ValueError(f"a {image.mode} image (32-bit integer or floating point), whose range is not known: "
+                         "save it with 8 or 16 bits per channel")
+    if image.mode.startswith("I;16"):
+        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+    if grey is None:
+        grey = image.mode in ("1", "L", "LA")
+    return image.convert("L" if grey else "RGB")
 
 
 def _resize(image_size: int | None) -> list[v2.Transform]:
@@ -138,7 +153,10 @@ class ImageFolderData(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path = self.files[index]
         with PIL.Image.open(path) as file:
-            image = file.convert("L" if file.mode in _GREY_MODES else "RGB")
+            try:
+                image = to_8bit(file)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
         label = NO_LABEL if path.parent == self.root else self.classes.index(path.relative_to(self.root).parts[0])
         return self.transform(image), label
 
@@ -147,8 +165,9 @@ def torchvision_dataset(name: str, root: str | Path, train: bool = True, split: 
                         image_size: int | None = None) -> Dataset:
     """``torchvision.datasets.NAME`` already in ``root`` (never downloads), as ``(image, label)`` pairs.
 
-    The split is ``train=`` for datasets that take it, else ``split=`` (default ``"train"`` or
-    ``"test"`` by ``train``). Images go through :func:`_image_transform` (``image_size``).
+    The split is ``split`` (default ``"train"`` or ``"test"`` by ``train``): passed as ``split=``, or as
+    ``train=`` (``"train"`` or ``"test"`` only) to datasets that take that. Images go through
+    :func:`_image_transform` (``image_size``).
     """
     datasets = importlib.import_module("torchvision.datasets")
     cls = getattr(datasets, name, None)
@@ -156,10 +175,13 @@ def torchvision_dataset(name: str, root: str | Path, train: bool = True, split: 
         raise ValueError(f"torchvision.datasets has no dataset {name!r}")
     params = inspect.signature(cls).parameters
     kwargs = {"download": False} if "download" in params else {}
+    split = split or ("train" if train else "test")
     if "train" in params:
-        kwargs["train"] = train
+        if split not in ("train", "test"):
+            raise ValueError(f"torchvision.datasets.{name} has a train and a test split, not {split!r}")
+        kwargs["train"] = split == "train"
     elif "split" in params:
-        kwargs["split"] = split or ("train" if train else "test")
+        kwargs["split"] = split
     return _TorchvisionData(cls(str(root), **kwargs), image_size)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -88,9 +89,25 @@ def _figure(path: Path, x: Tensor, adversarial: Tensor, mask: Tensor, purified: 
     plt.close(fig)
 
 
+def _check(args: argparse.Namespace, available: int) -> None:
+    """Refuse settings the demo cannot run (a clear message instead of a traceback or a silent slice)."""
+    if not 1 <= args.images <= available:
+        raise ValueError(f"--images must be in [1, {available}] (the bundled test images), got {args.images}")
+    if not 0 < args.eps <= 1:
+        raise ValueError(f"--eps is a radius for images in [0, 1], e.g. 0.0314 (8/255); got {args.eps}")
+    for name in ("steps", "eot", "diffpure_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_dataset("bundled:fashion-mnist")
+    try:
+        _check(args, len(data))
+    except ValueError as error:
+        print(f"purifytf demo: error: {error}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     x_all, y_all = data.images[: args.images].to(device), data.labels[: args.images].to(device)
     count = len(x_all)
     classifier, defences = build_defences(args.diffpure_steps)

@@ -24,7 +24,12 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import ModelCard, constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from .checkpoints import convert_state_dict, load_state_dict_file
 from .config import read_config, set_downloader
@@ -74,8 +79,10 @@ class Weights:
         companions: models trained for the same data, bundled: ``{"classifier" | "impure" | "ssni_stats":
             path relative to ASSETS}`` (the target classifier, IMPurify, SSNI's score-norm statistics).
         purifier_settings: method (``"diffpure"``, ``"saliency_diffpure"``, ``"ssni"``) -> the settings paired
-            with these weights where they differ from the class defaults: the papers' for published weights,
-            the study's for the embedded default (its ``purifiers.json``, shipped beside the weights).
+            with these weights where they differ from the class defaults: the papers' for published weights
+            (noise levels and masks; SaliencyDiffPurify keeps its 10-call grid, ``spacing=20``, on every
+            weights: the papers' grid is ``spacing=2``), the study's for the embedded default (its
+            ``purifiers.json``, shipped beside the weights).
         card: model-card metadata (``datasets``, ``license``, ``base_model``, ``paper``, ``description``).
     """
 
@@ -173,16 +180,17 @@ def _unreachable(url: str) -> str | None:
 _DOWNLOADS_OFF = "downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True)"
 
 
-def _unavailable(what: str, source: str, offline: bool, reason: str, local: str,
-                 download: str) -> WeightsUnavailableError:
-    """The loading error every path raises: what failed, why, and the three ways out."""
+def _unavailable(what: str, source: str, offline: bool, reason: str, local: str, download: str,
+                 cache: str = "point HF_HUB_CACHE (or cache_dir=) at it") -> WeightsUnavailableError:
+    """The loading error every path raises: what failed, why, and the three ways out (``cache``: where a copied
+    cache goes)."""
     switch = " (unset HF_HUB_OFFLINE, drop local_files_only=True)" if offline else ""
     return WeightsUnavailableError(
         f"cannot load {what}: {source} is not in the local cache and {reason}. "
         f"Offline mode is {'on' if offline else 'off'} (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). "
         f"Ways out: (1) connect to the internet{switch} and load again; (2) pre-download it into the cache on a "
-        f"machine with internet: {download}, then copy the cache here and point HF_HUB_CACHE (or cache_dir=) at "
-        f"it; (3) pass a local directory or file instead: {local}.")
+        f"machine with internet: {download}, then copy the cache here and {cache}; (3) pass a local directory or "
+        f"file instead: {local}.")
 
 
 def hub_download(repo_id: str, filenames: str | tuple[str, ...], *, revision: str | None = None,
@@ -206,7 +214,12 @@ def hub_download(repo_id: str, filenames: str | tuple[str, ...], *, revision: st
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                         local_files_only=reason is not None, **kwargs))
-        except EntryNotFoundError:  # not cached (LocalEntryNotFoundError) or not in the repo: try the next name
+        except LocalEntryNotFoundError as error:
+            if reason is None:  # online: the request failed (connection or server error), not a missing file
+                reason = f"the Hub at {constants.ENDPOINT} could not be queried ({error})"
+                break
+            continue  # offline: not cached, try the next name
+        except EntryNotFoundError:  # not in the repo: try the next name
             continue
         except RevisionNotFoundError:
             reason = f"the Hub at {constants.ENDPOINT} has no such revision"
@@ -231,13 +244,15 @@ def _hf_file(w: Weights, cache_dir: str | Path | None, offline: bool) -> Path:
 def _url_file(w: Weights, cache_dir: str | Path | None, offline: bool, check_hash: bool) -> Path:
     if check_hash and w.sha256 is None:
         raise ValueError(f"weights {w.name!r}: no sha256 is recorded for {w.url}, so the download cannot be "
-                         f"verified; pass check_hash=False to accept it unverified")
+                         f"verified; to accept it unverified, load it with load_backbone({w.name!r}, "
+                         f"check_hash=False) and pass it to the purifier (create_purifier(..., backbone=...))")
     path = Path(cache_dir or Path(torch.hub.get_dir()) / "checkpoints") / Path(urlparse(w.url).path).name
     if not path.exists():
         reason = _DOWNLOADS_OFF if offline else _unreachable(w.url)
         if reason is not None:
             raise _unavailable(f"weights {w.name!r}", f"{w.url} (expected at {path})", offline, reason,
-                               f"load_backbone({w.name!r}, path=FILE)", f"download {w.url} to {path}")
+                               f"load_backbone({w.name!r}, path=FILE)", f"download {w.url} to {path}",
+                               f"put the file in {path.parent} (TORCH_HOME, or cache_dir=)")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(w.url, str(path), hash_prefix=w.sha256 if check_hash else None)
     elif check_hash and _sha256(path) != w.sha256:

@@ -8,7 +8,8 @@
 Outputs keep the inputs' sizes, file names and formats (a folder's sub-folders are kept under
 ``--out``); no input is ever overwritten. Images are read as grey or RGB to fit the purifier's
 channels: grey images are repeated to RGB, and RGB images whose three channels are equal count as
-grey; a colour image for a grey purifier is an error, and so are 16-bit and floating-point images. Every
+grey; a colour image for a grey purifier is an error, and so are 32-bit and floating-point images (16-bit
+ones are read scaled to 8 bits, and written with 8). Every
 input is read and checked before the first output is written. ``--seed`` makes the purification
 deterministic (the purifier's ``seed``). A saved saliency purifier needs ``--classifier``, the architecture
 of the classifier saved with it.
@@ -26,14 +27,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data import to_8bit
 from .evaluation.loading import load_classifier, load_purifier
 
 __all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "purify_files",
            "read_image", "run"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_GREY_MODES = ("1", "L", "LA")
-_DEEP_MODES = ("I", "F")  # 32-bit integer and float images; PIL's 16-bit modes start with "I;16"
 DEFAULT_PURIFIER = "saliency_diffpure.fashion_mnist"
 """The embedded default: SaliencyDiffPurify on the bundled Fashion-MNIST DDPM (28x28 grey, 10 NFE)."""
 
@@ -76,16 +76,15 @@ def _check_destinations(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path
 
 
 def read_image(path: Path, channels: int | None) -> Tensor:
-    """(C, H, W) float in [0, 1], grey (C = 1) or RGB (C = 3) as ``channels`` needs (``None``: as stored).
-    8-bit images only: 16-bit and floating-point ones are refused (converting them would clip)."""
+    """(C, H, W) float in [0, 1], grey (C = 1) or RGB (C = 3) as ``channels`` needs (``None``: as stored;
+    :func:`~purifytf.data.to_8bit`)."""
     try:
         with PIL.Image.open(path) as image:
-            if image.mode in _DEEP_MODES or image.mode.startswith("I;16"):
-                raise ValueError(f"{path}: a {image.mode} image (16-bit or floating point); purifytf purify reads "
-                                 "8-bit images: convert it to 8 bits first")
-            array = np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"), dtype=np.float32) / 255
+            array = np.asarray(to_8bit(image), dtype=np.float32) / 255
     except (PIL.UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     x = torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1)
     if channels is None or x.shape[0] == channels:
         return x

@@ -67,7 +67,28 @@ def test_unreachable_registered_weights(silent_endpoint):
 
 def test_unreachable_url_weights(silent_endpoint, monkeypatch, tmp_path):
     w = hub.Weights(name="tiny-url", config={}, url=f"{hub.constants.ENDPOINT}/tiny.pt", sha256="0" * 64)
-    _fails_fast(lambda: hub.weights_file(w, cache_dir=tmp_path), "weights 'tiny-url'", "cannot be reached")
+    message = _fails_fast(lambda: hub.weights_file(w, cache_dir=tmp_path), "weights 'tiny-url'", "cannot be reached")
+    assert f"put the file in {tmp_path}" in message and "HF_HUB_CACHE" not in message  # not a Hub cache
+
+
+def test_a_failing_hub_request_is_not_reported_as_a_missing_file(empty_cache, monkeypatch):
+    """Online, huggingface_hub raises LocalEntryNotFoundError when a request fails (a 5xx, a proxy): that is
+    the Hub not answering, not the repo lacking the file."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_unreachable", lambda endpoint: None)  # the endpoint answered the probe
+
+    def failing(*args, **kwargs):
+        raise hub.LocalEntryNotFoundError("503 Service Unavailable")
+
+    monkeypatch.setattr(hub, "hf_hub_download", failing)
+    message = _fails_fast(lambda: hub.hub_download(REPO, ("a.safetensors", "b.bin")), repr(REPO))
+    assert "could not be queried (503 Service Unavailable)" in message and "has none of these files" not in message
+
+
+def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path):
+    for path in (tmp_path / "nope", "./nope", "runs/a/b"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            Purifier.from_pretrained(path)
 
 
 def test_torch_hub_entry_point(offline):

@@ -86,6 +86,15 @@ def test_ssni_uses_the_bundled_statistics(data):
     assert t_noisy.mean() > t_clean.mean()  # inputs off the data manifold get more noise
 
 
+@pytest.mark.parametrize("args, message", [(["--images", "0"], "--images must be in [1, 1000]"),
+                                           (["--images", "-5"], "--images must be in [1, 1000]"),
+                                           (["--steps", "0"], "--steps must be >= 1"),
+                                           (["--eps", "8"], "--eps is a radius for images in [0, 1]")])
+def test_demo_refuses_settings_it_cannot_run(tmp_path, capsys, args, message):
+    assert main(["demo", *args, "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--images", "4", "--steps", "1", "--batch-size", "4", "--out", str(out),

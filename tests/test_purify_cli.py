@@ -7,6 +7,7 @@ from PIL import Image
 
 from purifytf import DiffPurify, OracleBackbone
 from purifytf.__main__ import main
+from purifytf.data import to_8bit
 from purifytf.factory import create_purifier
 from purifytf.purify import read_image
 
@@ -95,12 +96,10 @@ def test_channels_follow_the_purifier(tmp_path, capsys):
 
 
 def test_every_input_is_checked_before_anything_is_written(tmp_path, capsys):
-    """A refused image anywhere (colour for a grey purifier, 16-bit, unreadable) stops the run before it writes."""
+    """A refused image anywhere (colour for a grey purifier, unreadable) stops the run before it writes."""
     _png(tmp_path / "in" / "a.png")
-    bad = {"colour.png": "colour image", "deep.png": "a I;16 image (16-bit or floating point)",
-           "broken.png": "not a readable image"}
+    bad = {"colour.png": "colour image", "broken.png": "not a readable image"}
     _png(tmp_path / "bad" / "colour.png", mode="RGB")
-    Image.fromarray(np.full((4, 5), 40000, np.uint16)).save(tmp_path / "bad" / "deep.png")
     (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
     for name, message in bad.items():
         out = tmp_path / f"out-{name}"
@@ -119,6 +118,16 @@ def test_a_saved_saliency_purifier_takes_its_classifier_architecture(tmp_path, i
     expected = _pixels(tmp_path / "o" / "a.png")
     assert main(["purify", str(images[0]), "--out", str(tmp_path / "named"), "--seed", "0", "--no-progress"]) == 0
     np.testing.assert_array_equal(_pixels(tmp_path / "named" / "a.png")[2], expected[2])  # the same purifier
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("L") clips 16-bit grey at 255 (a mid-grey becomes white); it is scaled instead."""
+    ramp = np.linspace(0, 65535, 20 * 24).reshape(24, 20).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    x = read_image(tmp_path / "deep.png", 1)
+    assert x.shape == (1, 24, 20) and (x[0] - torch.from_numpy(ramp / 65535.0).float()).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="a F image .* whose range is not known"):
+        to_8bit(Image.fromarray(np.full((4, 5), 0.5, np.float32)))
 
 
 def test_grey_stored_as_rgb_counts_as_grey(tmp_path):

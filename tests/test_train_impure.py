@@ -132,11 +132,17 @@ def test_data_sources(tmp_path):
     assert all(image.shape == (3, 4, 4) and image.min() > 0.99 for image, _ in folder)
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for split in ("train", "t10k"):
+    for split, labels in (("train", [2, 0, 1]), ("t10k", [7, 8, 9])):
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", np.array([2, 0, 1]))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.array(labels))
     image, label = open_data(f"torchvision:FashionMNIST:{tmp_path}")[0]
     assert image.shape == (1, 5, 6) and label == 2 and image.dtype == torch.float32
+    from purifytf.evaluation import load_dataset  # evaluation: the test split unless another is named
+
+    assert [load_dataset(f"torchvision:FashionMNIST:{tmp_path}{split}")[0][1] for split in ("", ":test", ":train")] == [
+        7, 7, 2]
+    with pytest.raises(ValueError, match="a train and a test split, not 'val'"):
+        load_dataset(f"torchvision:FashionMNIST:{tmp_path}:val")
     with pytest.raises(FileNotFoundError):
         open_data(str(tmp_path / "missing"))
 

@@ -83,6 +83,40 @@ def test_ddpm_resume_repeats_the_uninterrupted_run_with_its_average(tmp_path):
     safetensors.torch.load_model(fresh, tmp_path / "model.safetensors", strict=True)
 
 
+def classifier_trainer(global_seed: int, **config):
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, num_classes=2, width=4, image_size=8, hidden=8, dropout=0.5)
+    torch.manual_seed(global_seed)  # a new process: the global RNG, which dropout draws from, is elsewhere
+    data = ArrayData(images(32), torch.arange(32) % 2)
+    settings = {"steps": 6, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2, **config}
+    return ClassifierTrainer(model, data, OptimConfig(**settings), shift=0, flip=False)
+
+
+def test_resume_with_dropout_repeats_the_uninterrupted_run(tmp_path):
+    """Dropout draws from the global RNG: a checkpoint carries its state, so a resumed sitting draws the same."""
+    straight = classifier_trainer(1)
+    history = straight.fit(progress=False)
+    classifier_trainer(1).fit(tmp_path, stop=3, progress=False)
+    resumed = classifier_trainer(2)
+    resumed.load(tmp_path)
+    assert resumed.fit(progress=False) == history[3:]
+    for (name, a), b in zip(resumed.model.state_dict().items(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings_and_a_torn_checkpoint(tmp_path):
+    classifier_trainer(1).fit(tmp_path, stop=3, progress=False)
+    with pytest.raises(ValueError, match="keep the checkpoint's settings.*lr: 0.01 in the checkpoint, 0.02 now"):
+        classifier_trainer(1, lr=2e-2).load(tmp_path)
+    longer = classifier_trainer(1, steps=9, checkpoint_every=1)  # adopt: the horizon comes from the checkpoint
+    longer.load(tmp_path, adopt=("steps",))
+    assert longer.config.steps == 6 and longer.config.checkpoint_every == 1
+    model = tmp_path / "model.safetensors"  # stopped after the weights, before the state file, were rewritten
+    model.write_bytes(model.read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match="not the one saved with step 3"):
+        classifier_trainer(1).load(tmp_path)
+
+
 def test_ddpm_average_lags_the_trained_weights():
     trainer = ddpm_trainer(steps=4)
     before = [p.clone() for p in trainer.model.parameters()]

@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..attacks import pgd_eot
 from ..base import Purifier
+from ..data import to_8bit
 from ..defended import DefendedModel
 from ..factory import default_defences, defence_table
 from ..purifiers.saliency_diffpure import SaliencyDiffPurify
@@ -140,7 +141,7 @@ def read_upload(path: str | Path | None, channels: int, size: tuple[int, int]) -
                 raise AppInputError(f"the image is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS:,} pixels "
                                     f"(e.g. 4096x4096)")
             mode = image.mode
-            converted = image.convert("L" if channels == 1 else "RGB")
+            converted = to_8bit(image, grey=channels == 1)
     except AppInputError:
         raise
     except (PIL.Image.DecompressionBombError, PIL.UnidentifiedImageError, OSError, ValueError) as error:

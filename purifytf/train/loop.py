@@ -1,16 +1,20 @@
 """The training loop every recipe shares: seeded batches, AdamW with warm-up + cosine, resumable checkpoints.
 
 A recipe subclasses :class:`Trainer` and implements :meth:`Trainer.losses`. Randomness (batch order and
-every draw of a step) comes from generators seeded by ``(seed, step)``, so a run resumed from a
-checkpoint repeats the uninterrupted run exactly. A checkpoint directory holds the model as
-:meth:`Trainer.save_model` writes it (``config.json`` + ``model.safetensors``) plus ``training_state.pt``
-(step, optimizer, scheduler, recipe extras; read with ``torch.load(weights_only=True)``).
+every draw of a step) comes from generators seeded by ``(seed, step)``; what a network draws from the global
+RNG (dropout) continues from the state the checkpoint saved. So a run resumed from a checkpoint repeats the
+uninterrupted run exactly. A checkpoint directory holds the model as :meth:`Trainer.save_model` writes it
+(``config.json`` + ``model.safetensors``) plus ``training_state.pt`` (step, optimizer, scheduler, settings,
+global RNG state, recipe extras; read with ``torch.load(weights_only=True)``), written last: it names the step
+the weights were saved at, and a checkpoint whose two files disagree (a run killed while saving) is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from ..base import trainable
 __all__ = ["STATE_FILE", "OptimConfig", "Trainer", "lr_factor", "step_generator"]
 
 STATE_FILE = "training_state.pt"
+_MAY_CHANGE_ON_RESUME = ("steps", "checkpoint_every", "num_workers")  # the horizon, asked for explicitly
 
 
 @dataclasses.dataclass
@@ -91,6 +96,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config.warmup_steps, config.steps))
+        self._resumed_rng: dict | None = None  # the global RNG state of a loaded checkpoint, set by fit
 
     @property
     def device(self) -> torch.device:
@@ -138,8 +144,12 @@ class Trainer:
         """
         stop = self.config.steps if stop is None else stop
         history = []
+        batches = self.batches(self.step, stop)  # its loader draws a seed from the global RNG, as at step 0
+        if self._resumed_rng is not None:
+            _set_global_rng(self._resumed_rng)
+            self._resumed_rng = None
         with tqdm(total=stop, initial=self.step, desc=self.desc, disable=not progress) as bar:
-            for images, labels in self.batches(self.step, stop):
+            for images, labels in batches:
                 history.append(self.train_step(images, labels))
                 bar.set_postfix({name: f"{value:.4f}" for name, value in history[-1].items()}, refresh=False)
                 bar.update()
@@ -161,20 +171,62 @@ class Trainer:
         """Restore :meth:`extra_state`."""
 
     def save(self, directory: str | Path) -> None:
-        """Write the model and ``training_state.pt`` to ``directory``."""
+        """Write the model and then ``training_state.pt`` (through a temporary file) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_model(directory)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "config": dataclasses.asdict(self.config), "extra": self.extra_state()}
-        torch.save(state, directory / STATE_FILE)
+                 "config": dataclasses.asdict(self.config), "rng": _global_rng(), "extra": self.extra_state(),
+                 "weights_digest": _digest(directory / "model.safetensors")}
+        torch.save(state, directory / f"{STATE_FILE}.tmp")
+        os.replace(directory / f"{STATE_FILE}.tmp", directory / STATE_FILE)
 
-    def load(self, directory: str | Path) -> None:
-        """Resume from a checkpoint of :meth:`save` (the model must have the same architecture)."""
+    def load(self, directory: str | Path, adopt: tuple[str, ...] = ()) -> None:
+        """Resume from a checkpoint of :meth:`save` (the model must have the same architecture).
+
+        The settings must be the checkpoint's, but for the horizon ``steps`` (a longer or shorter run, asked for)
+        and ``checkpoint_every``/``num_workers``; ``adopt`` names settings taken from the checkpoint instead
+        (e.g. ``("steps",)``: a horizon its first sitting measured).
+        """
         directory = Path(directory)
-        safetensors.torch.load_model(self.model, directory / "model.safetensors", strict=True, device=str(self.device))
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        if state.get("weights_digest", _digest(directory / "model.safetensors")) != _digest(
+                directory / "model.safetensors"):
+            raise ValueError(f"{directory}: model.safetensors is not the one saved with step {state['step']} "
+                             "(the run was stopped while saving), so the checkpoint cannot be resumed")
+        self._adopt_config(state["config"], adopt, directory)
+        safetensors.torch.load_model(self.model, directory / "model.safetensors", strict=True, device=str(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self._resumed_rng = state.get("rng")  # checkpoints saved before the RNG state was recorded lack it
         self.load_extra_state(state["extra"])
+
+    def _adopt_config(self, saved: dict, adopt: tuple[str, ...], directory: Path) -> None:
+        current = dataclasses.asdict(self.config)
+        for name in adopt:
+            setattr(self.config, name, saved[name])
+        differ = {k: (saved.get(k), v) for k, v in current.items()
+                  if k not in (*adopt, *_MAY_CHANGE_ON_RESUME) and _plain(saved.get(k)) != _plain(v)}
+        if differ:
+            listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items())
+            raise ValueError(f"{directory}: a resumed run must keep the checkpoint's settings ({listed})")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _global_rng() -> dict[str, object]:
+    """The global RNG state (CPU, and every CUDA device when there is one): what dropout draws from."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_global_rng(state: dict[str, object]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
