@@ -352,8 +352,8 @@ def convergence(rows: list[Row], classifier: nn.Module, classifier_name: str, th
     for row in rows:
         base, doubled = (run_row(row, classifier, classifier_name, threat, dataset, budget, records, scale,
                                  images if scale > 1 else None, progress, attack) for scale in (1, 2))
-        if base is None or doubled is None:
-            continue
+        if base is None or doubled is None or base["attacked"] != doubled["attacked"]:
+            continue  # only a row whose attacked versions are complete in both runs compares like with like
         difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
         report.append({"name": row.name, "threat": threat, "n": difference["n"],
                        "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
@@ -414,7 +414,8 @@ def _difference_table(table: dict) -> list[str]:
         for i, c in enumerate(row["comparisons"] + row["version_comparisons"]):
             against = f"{c['vs']} (n {c['n']}" + (f"; attacked with {_version(c['attacked'])} only)"
                                                     if "attacked" in c else ")")
-            lines.append(f"| {row['name'] if i == 0 else ''} | {against} | {_difference(c['robust'])} | "
+            name = row["name"] + (" (upper bound)" if row.get("upper_bound") else "")
+            lines.append(f"| {name if i == 0 else ''} | {against} | {_difference(c['robust'])} | "
                          f"{_difference(c['clean'])} |")
     return lines
 
@@ -431,7 +432,8 @@ def markdown(study: dict) -> str:
              "t* = 0.1; IMPurify's noise variants also against the shipped IMPurify, SSNI on SaliencyDiffPurify also "
              "against SaliencyDiffPurify): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
-             "minimum over the attacks listed (SSNI: and over its attacked versions, each also compared alone)."]
+             "minimum over the attacks listed (SSNI: and over its attacked versions, each also compared alone). "
+             "s / image: seconds per image of one process, a row's attacked versions added up."]
     for table in study["tables"]:
         lines += ["", f"### {table['title']}, classifier {table['classifier']} (attacks: {table['attacks']})", ""]
         lines += _accuracy_table(table)

@@ -146,7 +146,7 @@ class Purifier(
         """Checked ``(B, C, H, W)`` batch on the model's device and float dtype at ``sample_size``,
         and the source of noise (fresh :class:`~purifytf.random.SampleStreams` when ``seed`` is set)."""
         batch = check_images(x, self.in_channels, self.min_size)
-        device, dtype = self._device_dtype(batch.device)
+        device, dtype = self._device_dtype(batch)
         if generator is None and self.seed is not None:
             generator = SampleStreams(self.seed)
         work = clamp01(batch.to(device=device, dtype=dtype))
@@ -154,15 +154,16 @@ class Purifier(
             work = _resize(work, self.sample_size)
         return work, generator
 
-    def _device_dtype(self, default_device: torch.device) -> tuple[torch.device, torch.dtype]:
-        """Device of the model's tensors, and float64 if the model was made double, else float32.
+    def _device_dtype(self, batch: Tensor) -> tuple[torch.device, torch.dtype]:
+        """Device of the model's tensors, and float64 if the model was made double, else float32; a model
+        without tensors works on the batch's device, in float64 for float64 input (exact gradients).
 
         Low-precision weights still run float32 purification maths (use autocast for bf16/fp16).
         """
         schedules = {id(b) for m in self.modules() if isinstance(m, NoiseSchedule) for b in m.buffers()}
         tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
         if not tensors:
-            return default_device, torch.float32
+            return batch.device, torch.float64 if batch.dtype == torch.float64 else torch.float32
         weights = [t for t in tensors if id(t) not in schedules] or tensors
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 

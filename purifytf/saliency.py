@@ -35,15 +35,19 @@ FeatureFn = Callable[[Tensor], Sequence[Tensor]]
 def stage_saliency(features: Tensor, size: Sequence[int]) -> Tensor:
     """(B, C, h, w) feature map -> (B, 1, H, W) energy ``sum_c |a_c|^2``, upsampled, min-max to [0, 1].
 
-    A constant map (e.g. a 1x1 stage) normalises to zeros.
+    The energy is summed in float32 at least (a float16 sum overflows). A map constant to 1e-6 of its largest
+    energy (e.g. a 1x1 stage) normalises to zeros, decided before upsampling, whose rounding would otherwise
+    be stretched to [0, 1].
     """
-    energy = features.abs().square().sum(1, keepdim=True)
+    energy = features.to(torch.promote_types(features.dtype, torch.float32)).abs().square().sum(1, keepdim=True)
+    top = energy.flatten(1).amax(1)
+    constant = (top - energy.flatten(1).amin(1)) <= 1e-6 * top  # (B,)
     if tuple(energy.shape[-2:]) != tuple(size):
         energy = F.interpolate(energy, size=tuple(size), mode="bilinear", align_corners=False)
     flat = energy.flatten(1)
     lo = flat.amin(1, keepdim=True)
     span = (flat.amax(1, keepdim=True) - lo).clamp_min(torch.finfo(flat.dtype).tiny)
-    return ((flat - lo) / span).view_as(energy)
+    return torch.where(constant[:, None], 0.0, (flat - lo) / span).view_as(energy)
 
 
 def activation_saliency(features: Sequence[Tensor], size: Sequence[int]) -> Tensor:
@@ -57,10 +61,14 @@ def threshold_mask(saliency: Tensor, threshold: float = 0.9) -> Tensor:
 
 
 def topk_mask(saliency: Tensor, fraction: float = 0.15) -> Tensor:
-    """(B, 1, H, W) saliency -> mask, 1 on the ``int(fraction * H * W)`` most salient pixels of each image."""
+    """(B, 1, H, W) saliency -> mask, 1 on the ``int(fraction * H * W)`` most salient pixels of each image
+    (ties at the cut go to the lower pixel index: a stable order, the same on every device)."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
     flat = saliency.detach().flatten(1)
     k = int(fraction * flat.shape[1])
-    hard = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+    chosen = flat.argsort(dim=1, descending=True, stable=True)[:, :k]
+    hard = torch.zeros_like(flat).scatter_(1, chosen, 1.0)
     return straight_through(hard.view_as(saliency), saliency)
 
 

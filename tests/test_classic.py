@@ -114,6 +114,8 @@ def test_blur_gradient_is_exact(kind):
     purifier = BlurPurify(kind=kind, kernel_size=3, sigma=0.7)
     x, weights = images(2, 3, 8, 8), images(2, 3, 8, 8, seed=1)
     assert torch.allclose(grad_of(purifier, x, weights), grad_of(lambda t: blur(t, kind, 3, 0.7), x, weights))
+    x64 = images(1, 2, 6, 6, seed=2).double().clamp(0.05, 0.95).requires_grad_(True)  # a purifier without weights
+    assert torch.autograd.gradcheck(purifier, (x64,), fast_mode=True)  # computes in float64 for float64 input
 
 
 def test_differentiable_jpeg_is_kornias_codec():

@@ -36,6 +36,22 @@ def test_stage_saliency_is_energy_minmax_upsampled():
     up = stage_saliency(a, (8, 8))
     assert up.shape == (1, 1, 8, 8) and up.min() == 0 and up.max() == 1
     assert torch.equal(stage_saliency(torch.ones(2, 3, 1, 1), (4, 4)), torch.zeros(2, 1, 4, 4))
+    # constant before upsampling: bilinear rounding is not stretched into a pattern
+    assert torch.equal(stage_saliency(torch.full((1, 7, 5, 7), 0.3), (32, 32)), torch.zeros(1, 1, 32, 32))
+
+
+def test_stage_saliency_of_half_precision_features_does_not_overflow():
+    features = torch.full((1, 512, 4, 4), 20.0, dtype=torch.float16)  # energy 204,800 > float16's 65,504
+    features[0, :, 0, 0] = 30.0
+    s = stage_saliency(features, (8, 8))
+    assert torch.isfinite(s).all() and s.max() == 1 and s.min() == 0
+
+
+def test_topk_ties_at_the_cut_go_to_the_lower_index():
+    saliency = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1, 0.5, 0.0, 0.2]).view(1, 1, 2, 4)
+    assert topk_mask(saliency, 0.375).flatten().tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # k = 3 of 8
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        topk_mask(saliency, 1.5)
 
 
 def test_activation_saliency_fuses_by_max():

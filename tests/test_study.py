@@ -92,6 +92,7 @@ def test_records_only_reports_the_complete_records_without_attacking(tmp_path, c
     assert "upper bound" not in study.markdown({**full, "budget": asdict(TINY), "machine": ""})
     text = study.markdown({"tables": [table], "budget": asdict(TINY), "machine": ""})
     assert "| JPEG, attacked twice (upper bound: attacked with the row's settings only) | 4 |" in text
+    assert "| JPEG, attacked twice (upper bound) | DiffPurify 2 steps (n 2) |" in text  # the differences say so too
 
 
 def test_paired_numbers_of_the_table_agree_with_stats(tmp_path, classifier, dataset):
@@ -151,6 +152,17 @@ def test_convergence_doubles_steps_and_eot(tmp_path, classifier, dataset):
     assert len(load_records(tmp_path / "cnn/linf-x2/no-defence")) == 2
     row = json.loads((tmp_path / "cnn/linf/no-defence/summary.json").read_text())
     assert row["images"] == TINY.images  # the study's row stays whole: its summary is not the subset's
+
+
+def test_convergence_compares_only_the_same_attacked_versions(tmp_path, classifier, dataset):
+    """A doubled run missing one of the row's attacked versions is not compared with the full row (its
+    per-image minimum would be over fewer attacks: a spurious gain)."""
+    check = functools.partial(study.convergence, ROWS[2:], classifier, "cnn", "linf", dataset, TINY, tmp_path,
+                              images=2, progress=False)
+    assert len(check()) == 1
+    version = tmp_path / "cnn/linf-x2/jpeg-attacked-twice/attacked-1/images.jsonl"
+    version.write_text("".join(version.read_text().splitlines(keepends=True)[:-1]))
+    assert check(attack=False) == []
 
 
 def test_cli_convergence_checks_the_rows_named(tmp_path):
