@@ -274,7 +274,9 @@ def weights_file(
         weights: a registered name or a :class:`Weights`.
         cache_dir: Hugging Face cache (default ``HF_HUB_CACHE``) or, for URL weights, the folder of the
             file (default ``<torch.hub.get_dir()>/checkpoints``).
-        local_files_only: never download (default: ``HF_HUB_OFFLINE``).
+        local_files_only: never download (default: ``HF_HUB_OFFLINE``). ``False`` lets URL weights download
+            even under ``HF_HUB_OFFLINE=1`` (a Hugging Face setting); Hugging Face weights stay offline then,
+            as in ``huggingface_hub``.
         check_hash: verify URL downloads against their sha256 (refuses when none is recorded).
     """
     w = get_weights(weights)
