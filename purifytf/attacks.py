@@ -89,9 +89,9 @@ class AttackSettings:
 
 
 def is_deterministic(model: nn.Module) -> bool:
-    """Whether ``model`` is a :class:`DefendedModel` computing a fixed function
-    (:attr:`DefendedModel.deterministic`: no purifier, or a seeded one)."""
-    return isinstance(model, DefendedModel) and model.deterministic
+    """Whether ``model`` says it computes a fixed function: a ``deterministic`` attribute that is true
+    (:attr:`DefendedModel.deterministic`: no purifier, or a seeded one; or a wrapper passing it on)."""
+    return getattr(model, "deterministic", False) is True
 
 
 def eot_gradient(model: nn.Module, x: Tensor, y: Tensor, eot: int = 1, eot_batch: int | None = None) -> Tensor:

@@ -128,6 +128,8 @@ def test_eps_out_of_range(kind, eps):
 
 @pytest.mark.parametrize("changes, message", [
     ({"steps": 0}, "steps must"), ({"steps": 1.5}, "steps must"), ({"eot": logic.EOT_MAX + 1}, "EOT samples"),
+    ({"steps": float("nan")}, "steps must be an integer"), ({"eot": float("inf")}, "EOT samples must be an integer"),
+    ({"steps": "3"}, "steps must be an integer from 1 to 100, got '3'"), ({"eps": float("nan")}, "eps for"),
     ({"target": "nope"}, "attack target"), ({"kind": "fgsm"}, "attack must"),
 ])
 def test_attack_settings_checked(changes, message):
@@ -202,10 +204,41 @@ def test_upload_is_attacked_with_the_clean_prediction(models, tmp_path):
     ({"eps": 5.0}, "eps for PGD-EOT Linf must be in"),
     ({"purifiers": []}, "at least one purifier"),
     ({"seed": -1}, "seed must"),
+    ({"seed": float("nan")}, "seed must be an integer"),
+    ({"index": float("inf")}, "bundled test image number must be an integer"),
+    ({"attack": "PGD-EOT Linf", "target": "DiffPurify ref (t*=0.1, 100 steps)", "steps": 100, "eot": 1},
+     "this attack makes 10,000 network calls (100 steps x 1 EOT samples x 100 of DiffPurify ref"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(models, changes, message):
     page = logic.handle(models, *_inputs(**changes))
     assert 'class="app-error"' in page and message in page and "Traceback" not in page
+
+
+def test_unknown_purifiers_are_refused_before_the_attack(models, monkeypatch):
+    attacked = []
+    monkeypatch.setattr(logic, "run_attack", lambda *args, **kwargs: attacked.append(1))
+    page = logic.handle(models, *_inputs(purifiers=["JPEGPurify (q=75)", "nope"]))
+    assert "unknown purifiers [&#x27;nope&#x27;]" in page and not attacked
+
+
+def test_progress_keeps_a_deterministic_model_at_one_pass(models, monkeypatch):
+    """The page's progress wrapper passes on that the bare classifier is deterministic: one pass per step,
+    whatever the EOT samples."""
+    batches = []
+    monkeypatch.setattr(models, "classifier", _Recording(models.classifier, batches))
+    request = logic.AttackRequest("PGD-EOT Linf", 8 / 255, steps=2, eot=8)
+    logic.run_attack(models, models.images[:1], int(models.labels[0]), request, seed=0, progress=lambda *a, **k: None)
+    assert batches == [1, 1]
+
+
+class _Recording(torch.nn.Module):
+    def __init__(self, model, batches):
+        super().__init__()
+        self.model, self.batches = model, batches
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        return self.model(x)
 
 
 def test_unexpected_failure_is_a_message(models, monkeypatch):

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from ..base import Purifier
 from ..data import to_8bit
 from ..defended import DefendedModel
 from ..factory import default_defences, defence_table
+from ..nfe import count_nfe
 from ..purifiers.saliency_diffpure import SaliencyDiffPurify
 from ..purifiers.ssni import SSNIPurify
 
@@ -48,6 +50,10 @@ EPS_MAX = {"PGD-EOT Linf": 0.25, "PGD-EOT L2": 10.0}
 """Largest radius accepted per attack (images in [0, 1]; Linf 0.25 is about 64/255)."""
 STEPS_MAX = 100
 EOT_MAX = 32
+ATTACK_CALLS_MAX = 5_000
+"""Network calls an adaptive attack may make (steps x EOT x the target's NFE): a few minutes on a CPU."""
+EOT_BATCH = 4
+"""EOT samples differentiated together: bounds an adaptive attack's memory."""
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
 DEFAULT_PURIFIERS = ("DiffPurify (t*=0.1, 10 steps)", "SaliencyDiffPurify", "SSNIPurify (on DiffPurify)", "IMPurify",
@@ -105,12 +111,17 @@ class Prepared:
     note: str
 
 
+def _integer(name: str, value, low: int, high: int) -> int:
+    """``value`` (a number from the page) as an int in [low, high]; otherwise an :class:`AppInputError`."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or not low <= value <= high:
+        raise AppInputError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)
+
+
 def bundled_image(models: Models, index: int | float | None) -> Prepared:
     """Bundled test image ``index`` (0 to N - 1) with its true label."""
-    count = len(models.images)
-    if index is None or float(index) != int(index) or not 0 <= int(index) < count:
-        raise AppInputError(f"bundled test image number must be an integer from 0 to {count - 1}, got {index!r}")
-    i = int(index)
+    i = _integer("bundled test image number", index, 0, len(models.images) - 1)
     label = int(models.labels[i])
     note = (f"bundled Fashion-MNIST test image #{i} ({CLASS_NAMES[label]}), {models.size[0]}x{models.size[1]} "
             f"grey: used as is")
@@ -173,12 +184,11 @@ class AttackRequest:
         if self.kind == "none":
             return
         limit = EPS_MAX[self.kind]
-        if self.eps is None or not 0 < self.eps <= limit:
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps <= limit:
             raise AppInputError(f"eps for {self.kind} must be in (0, {limit}] (images in [0, 1]; 8/255 = 0.0314), "
                                 f"got {self.eps}")
-        for name, value, high in (("steps", self.steps, STEPS_MAX), ("EOT samples", self.eot, EOT_MAX)):
-            if value is None or value != int(value) or not 1 <= value <= high:
-                raise AppInputError(f"{name} must be an integer from 1 to {high}, got {value}")
+        _integer("steps", self.steps, 1, STEPS_MAX)
+        _integer("EOT samples", self.eot, 1, EOT_MAX)
         if self.target != BARE_CLASSIFIER and self.target not in purifier_names():
             raise AppInputError(f"attack target must be {BARE_CLASSIFIER!r} or a purifier of {purifier_names()}, "
                                 f"got {self.target!r}")
@@ -204,6 +214,11 @@ class _Reporting(nn.Module):
         super().__init__()
         self.model, self.steps, self.progress, self.calls = model, steps, progress, 0
 
+    @property
+    def deterministic(self) -> bool:
+        """The wrapped model's (:func:`purifytf.attacks.is_deterministic`: one pass per gradient if so)."""
+        return self.model.deterministic
+
     def forward(self, x: Tensor) -> Tensor:
         self.progress(self.calls / self.steps, desc=f"attack: step {self.calls + 1} of {self.steps}")
         self.calls += 1
@@ -223,7 +238,22 @@ def run_attack(models: Models, x: Tensor, label: int, request: AttackRequest, se
     generator = torch.Generator(x.device).manual_seed(seed)
     return pgd_eot(model, x, torch.tensor([label], device=x.device), norm=request.kind.rsplit(" ", 1)[1],
                    eps=request.eps, step=request.step, steps=int(request.steps), eot=int(request.eot),
-                   generator=generator)
+                   eot_batch=EOT_BATCH, generator=generator)
+
+
+def check_attack_cost(models: Models, request: AttackRequest, x: Tensor) -> None:
+    """Refuse an adaptive attack of more than :data:`ATTACK_CALLS_MAX` network calls (the target's NFE is
+    counted on one purification of ``x``)."""
+    if request.kind == "none" or request.target == BARE_CLASSIFIER:
+        return
+    with torch.no_grad(), count_nfe() as calls:
+        models.purifier(request.target).purify(x, torch.Generator(x.device).manual_seed(0))
+    steps, eot = int(request.steps), int(request.eot)
+    cost = steps * eot * calls.count
+    if cost > ATTACK_CALLS_MAX:
+        raise AppInputError(f"this attack makes {cost:,} network calls ({steps} steps x {eot} EOT samples x "
+                            f"{calls.count} of {request.target}); the page allows {ATTACK_CALLS_MAX:,}: lower the "
+                            "steps or EOT samples, or attack a faster purifier")
 
 
 @torch.no_grad()
@@ -269,14 +299,16 @@ def run_page(models: Models, source: str, index, upload, attack: str, eps, steps
         raise AppInputError(f"image source must be one of {list(SOURCES)}, got {source!r}")
     if not purifiers:
         raise AppInputError("choose at least one purifier to compare")
-    if seed is None or seed != int(seed) or not 0 <= seed < 2**31:
-        raise AppInputError(f"seed must be an integer from 0 to {2**31 - 1}, got {seed}")
+    seed = _integer("seed", seed, 0, 2**31 - 1)
+    unknown = [name for name in purifiers if name not in purifier_names()]
+    if unknown:
+        raise AppInputError(f"unknown purifiers {unknown}; choose from {purifier_names()}")
     request = AttackRequest(attack, eps, steps, eot, target)
     prepared = (bundled_image(models, index) if source == SOURCES[0] else
                 read_upload(upload, models.channels, models.size))
-    seed = int(seed)
     x = prepared.image.to(models.device)
     with models.lock, torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
+        check_attack_cost(models, request, x)
         clean = Result("clean", x, top_k(models.classifier, x))
         label = prepared.label if prepared.label is not None else CLASS_NAMES.index(clean.top3[0][0])
         clean.facts["label"] = CLASS_NAMES[prepared.label] if prepared.label is not None else "unknown"

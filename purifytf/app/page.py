@@ -99,7 +99,8 @@ def launch(host: str = "127.0.0.1", port: int = 7860, models: logic.Models | Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to serve on (default 127.0.0.1, or $GRADIO_SERVER_NAME on a Space)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", 7860),
+                        help="port (default 7860, or $GRADIO_SERVER_PORT)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
