@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from purifytf import DiffPurify, SaliencyDiffPurify, SSNIPurify, count_nfe, create_purifier
 from purifytf.classifiers import fashion_mnist_cnn
-from purifytf.factory import defence_table
+from purifytf.factory import defence_table, selects
 from purifytf.hub import load_backbone, untrained_backbone
 
 RESULTS = Path(__file__).parent / "results"
@@ -223,7 +223,7 @@ def measure_batch(batch: int, backbone: nn.Module, classifier: nn.Module, channe
     if batch in args.memory_batches:
         bare = row["backbone_fwd_bwd_bytes"] = step_memory(lambda z: backbone(z, t).square().mean(), x, weights)
     for name, make in configs.items():
-        if args.only and not any(key in name for key in args.only):
+        if args.only and not any(selects(key, name) for key in args.only):
             continue
         entry = row["purifiers"][name] = measure_purifier(make, x, y, backbone, classifier, weights, t_fwd, bare,
                                                           args.repeats)
@@ -275,7 +275,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--memory-batches", type=int, nargs="*", default=[16])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", nargs="*", help="measure only purifiers whose name contains one of these")
+    parser.add_argument("--only", nargs="*", help="measure only these purifiers: a table name picks that one, "
+                        "other text every name containing it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")

@@ -27,15 +27,10 @@ from tqdm.auto import tqdm
 from purifytf import DefendedModel, default_defences
 from purifytf.classifiers import fashion_mnist_cnn
 from purifytf.evaluation import load_dataset, pgd_eot_accuracy
-from purifytf.factory import defence_table
+from purifytf.factory import defence_table, selects
 
 RESULTS = Path(__file__).parent / "results"
 THREATS = {"linf-8": ("Linf", 8 / 255), "linf-16": ("Linf", 16 / 255), "l2-0.5": ("L2", 0.5)}
-
-
-def chosen(key: str, name: str) -> bool:
-    """``--defences`` matching: an exact table name picks only that defence, other text every name containing it."""
-    return name == key if key in defence_table() else key in name
 
 
 def main() -> None:
@@ -65,7 +60,7 @@ def main() -> None:
                "rows": []}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"robustness-{args.tag}.json"
-    names = [name for name in defence_table() if not args.defences or any(chosen(key, name) for key in args.defences)]
+    names = [name for name in defence_table() if not args.defences or any(selects(key, name) for key in args.defences)]
     for name in names:
         purifier = default_defences([name], classifier=classifier)[name]
         defended = DefendedModel(purifier.to(device) if purifier is not None else None, classifier, runs=args.runs,

@@ -28,6 +28,7 @@ gradient of the function it computes, whatever ``eot`` says.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -262,6 +263,19 @@ class Attack:
     def name(self) -> str:
         return self.method if self.view == "adaptive" else f"{self.method}@{self.view}"
 
+    @property
+    def library(self) -> str | None:
+        """The optional package the method runs on (``"torchattacks"``: APGD, AutoAttack, the FGSM family, CW,
+        DeepFool), or ``None`` (PGD-EOT)."""
+        return None if self.method.startswith("pgd-eot") else "torchattacks"
+
+    def check_available(self) -> None:
+        """A ``ValueError`` with the install command if :attr:`library` is missing (before any image is attacked)."""
+        if self.library is not None and importlib.util.find_spec(self.library) is None:
+            raise ValueError(f"attack {self.name} needs {self.library}, which is not installed: "
+                             "pip install --no-deps 'torchattacks>=3.5' scipy (its requests pin is for downloads "
+                             "only)")
+
     def target(self, defended: DefendedModel) -> DefendedModel:
         """The model whose gradients the attacker follows."""
         if self.view == "bpda":
@@ -274,6 +288,7 @@ class Attack:
 
     def __call__(self, defended: DefendedModel, x: Tensor, y: Tensor, settings: AttackSettings) -> Tensor:
         """Adversarial versions (B, C, H, W) in [0, 1] of ``x`` with labels ``y`` (B,)."""
+        self.check_available()
         attack = ATTACK_METHODS[self.method](self.target(defended), settings)
         return attack(x, y).detach()
 

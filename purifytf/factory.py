@@ -216,6 +216,12 @@ def defence_table(diffpure_steps: int = 10) -> dict[str, tuple[str | None, dict[
     }
 
 
+def selects(key: str, name: str) -> bool:
+    """Whether a command line's ``key`` picks the defence ``name`` of :func:`defence_table`: an exact table name
+    picks only that defence, other text every name containing it."""
+    return name == key if key in defence_table() else key in name
+
+
 DEFENCES: tuple[str, ...] = ("no defence", "DiffPurify (t*=0.1, 10 steps)", "SaliencyDiffPurify",
                              "SSNIPurify (on DiffPurify)", "IMPurify", "JPEGPurify (q=75)", "BlurPurify (Gaussian)")
 """The demo's defences (names of :func:`defence_table` at ``diffpure_steps=10``)."""

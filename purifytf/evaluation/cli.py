@@ -121,6 +121,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
                               eps_l2=args.eps_l2,
                               step_l2=args.step_l2, random_start=args.random_start, eot_batch=args.eot_batch)
     attacks = parse_attacks(args.attacks)
+    for attack in attacks:
+        attack.check_available()
     dataset = load_dataset(args.dataset, args.image_size)
     indices = select_indices(len(dataset), args.num_images, args.shuffle_seed)
     classifier = load_classifier(args.classifier, args.classifier_weights, args.pretrained, args.num_classes)
