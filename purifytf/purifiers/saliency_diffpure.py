@@ -98,7 +98,9 @@ class SaliencyDiffPurify(DiffusionPurifier):
     from ``t_l`` to ``t_s`` re-noises the non-salient pixels and adds ``resample_steps`` forward
     steps ("single-step resampling") before every call; stage 2 from ``t_s`` to 0 is plain DDIM.
     NFE per image: ``ceil((t_l - t_s) / spacing) + ceil(t_s / spacing)`` (10 by default; the reference
-    spacing 2 gives 100). The classifier pass is not an NFE. One purified image per input: the
+    spacing 2 gives 100), the same for every sample of a batch: a sample whose levels SSNI scales down so far
+    that ``t_l - t_s`` is under the stage-1 calls repeats grid points (calls spent without moving its level).
+    The classifier pass is not an NFE. One purified image per input: the
     reference's 20-run majority vote is left to the caller.
 
     Deviation from the reference: there the non-salient pixels are redrawn from the input at the
