@@ -64,7 +64,8 @@ def _hub_file(name_or_path: str | Path, filename: str, download: dict) -> Path:
         return Path(name_or_path) / filename
     text = str(name_or_path)
     if os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.path.exists(text):
-        raise FileNotFoundError(f"{text}: no such folder (a saved model is a folder; a Hub repo id is OWNER/NAME)")
+        what = "not a folder" if os.path.exists(text) else "no such folder"
+        raise FileNotFoundError(f"{text}: {what} (a saved model is a folder; a Hub repo id is OWNER/NAME)")
     return _DOWNLOAD[0](str(name_or_path), filename, **download)
 
 

@@ -89,6 +89,9 @@ def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path):
     for path in (tmp_path / "nope", "./nope", "runs/a/b"):
         with pytest.raises(FileNotFoundError, match="no such folder"):
             Purifier.from_pretrained(path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        Purifier.from_pretrained(tmp_path / "model.safetensors")
 
 
 def test_torch_hub_entry_point(offline):

@@ -203,14 +203,14 @@ class Trainer:
         self.load_extra_state(state["extra"])
 
     def _adopt_config(self, saved: dict, adopt: tuple[str, ...], directory: Path) -> None:
-        current = dataclasses.asdict(self.config)
-        for name in adopt:
-            setattr(self.config, name, saved[name])
-        differ = {k: (saved.get(k), v) for k, v in current.items()
+        """Check the current settings against the checkpoint's ``saved`` ones, then take those ``adopt`` names."""
+        differ = {k: (saved.get(k), v) for k, v in dataclasses.asdict(self.config).items()
                   if k not in (*adopt, *_MAY_CHANGE_ON_RESUME) and _plain(saved.get(k)) != _plain(v)}
         if differ:
             listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items())
             raise ValueError(f"{directory}: a resumed run must keep the checkpoint's settings ({listed})")
+        for name in adopt:
+            setattr(self.config, name, saved[name])
 
 
 def _plain(value):
