@@ -62,9 +62,9 @@ def _hub_file(name_or_path: str | Path, filename: str, download: dict) -> Path:
     """``filename`` of a local folder, or of a Hub repo (downloaded or from the cache)."""
     if os.path.isdir(name_or_path):
         return Path(name_or_path) / filename
-    text = str(name_or_path)
-    if os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.path.exists(text):
-        what = "not a folder" if os.path.exists(text) else "no such folder"
+    text, exists = str(name_or_path), os.path.exists(name_or_path)
+    if exists or os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1:
+        what = "not a folder" if exists else "no such folder"
         raise FileNotFoundError(f"{text}: {what} (a saved model is a folder; a Hub repo id is OWNER/NAME)")
     return _DOWNLOAD[0](str(name_or_path), filename, **download)
 

@@ -190,8 +190,8 @@ class Trainer:
         """
         directory = Path(directory)
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
-        if state.get("weights_digest", _digest(directory / "model.safetensors")) != _digest(
-                directory / "model.safetensors"):
+        digest = _digest(directory / "model.safetensors")
+        if state.get("weights_digest", digest) != digest:  # checkpoints saved before the digest was recorded lack it
             raise ValueError(f"{directory}: model.safetensors is not the one saved with step {state['step']} "
                              "(the run was stopped while saving), so the checkpoint cannot be resumed")
         self._adopt_config(state["config"], adopt, directory)
