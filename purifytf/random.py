@@ -2,7 +2,7 @@
 
 Where a purifier takes a ``generator``, three sources of noise are accepted:
 
-- ``None``: the global RNG (``torch.randn_like``), one draw for the whole batch;
+- ``None``: the global RNG of the input's device, one draw for the whole batch;
 - a ``torch.Generator``: one draw for the whole batch, made on the generator's device and moved to the
   input's device (a CPU generator gives the same noise for CPU and CUDA inputs; a CUDA generator draws
   CUDA's numbers, which differ from a CPU generator's of the same seed);
@@ -16,6 +16,9 @@ Where a purifier takes a ``generator``, three sources of noise are accepted:
 The first dimension of ``x`` is the batch: a per-sample draw has shape ``x.shape[1:]`` and is
 broadcast over it. Per-sample draws are one ``torch`` operator (``purifytf::stream_draw``), so
 ``torch.compile`` keeps them inside its graph and reproduces eager's numbers.
+
+Every source draws in float32 and casts to the input's dtype, so a purifier computing in float64 (e.g.
+made ``.double()`` for exact gradients) or in half precision draws the noise it draws in float32.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _stream_draw(seed: int, index: int, shape: list[int], normal: bool, dtype: t
                  device: torch.device) -> Tensor:
     generator = torch.Generator().manual_seed(stream_seed(seed, index))
     draw = torch.randn if normal else torch.rand
-    return draw(shape, generator=generator, dtype=dtype).to(device)
+    return draw(shape, generator=generator).to(device=device, dtype=dtype)
 
 
 @_stream_draw.register_fake
@@ -79,10 +82,9 @@ Source = torch.Generator | SampleStreams | None
 def _draw(x: Tensor, generator: Source, normal: bool) -> Tensor:
     if isinstance(generator, SampleStreams):
         return generator.draw(x, normal)
-    if generator is None:
-        return torch.randn_like(x) if normal else torch.rand_like(x)
     draw = torch.randn if normal else torch.rand
-    return draw(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    device = x.device if generator is None else generator.device
+    return draw(x.shape, generator=generator, device=device).to(device=x.device, dtype=x.dtype)
 
 
 def randn_like(x: Tensor, generator: Source) -> Tensor:

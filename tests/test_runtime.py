@@ -161,6 +161,21 @@ def test_seeded_output_does_not_depend_on_batch_position_or_mates(refs, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_seeded_noise_does_not_depend_on_the_compute_dtype(refs, name):
+    """A purifier made ``.double()`` (exact gradients) draws the noise of its float32 self: same function."""
+    x = torch.rand(2, 1, 8, 8, generator=gen(1))
+    single = stochastic(refs)[name](x)
+    double = stochastic(refs)[name].double()(x.double())
+    assert double.dtype == torch.float64 and torch.allclose(double.float(), single, atol=1e-4)
+    for source in (gen(3), None):
+        torch.manual_seed(0)
+        single = stochastic(refs, seed=None)[name].purify(x, source)
+        torch.manual_seed(0)
+        double = stochastic(refs, seed=None)[name].double().purify(x.double(), gen(3) if source else None)
+        assert torch.allclose(double.float(), single, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_generator_and_global_rng_draw_per_batch(refs, name):
     """Without a seed (or with an explicit generator) the copies of an image get different noise, as before."""
     purifier = stochastic(refs, seed=None)[name]
@@ -195,7 +210,7 @@ def test_stream_draws_are_cpu_generator_draws():
     normal, uniform = randn_like(x, streams), rand_like(x, streams)
     expected = [torch.randn if k == 0 else torch.rand for k in range(2)]
     for k, draw in enumerate((normal, uniform)):
-        cpu = expected[k]((1, 2, 4, 4), generator=gen(stream_seed(5, k)), dtype=torch.float64)
+        cpu = expected[k]((1, 2, 4, 4), generator=gen(stream_seed(5, k))).double()  # float32 draws, cast
         assert torch.equal(draw, cpu.expand_as(x)) and draw.dtype == x.dtype
     assert streams.draws == 2
     assert torch.equal(randn_like(x[:1], SampleStreams(5)), normal[:1])  # the seed alone decides
