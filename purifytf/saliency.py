@@ -176,6 +176,11 @@ class StageFeatures:
         self.num_stages = num_stages
         self._extractors: dict[tuple[int, ...], FeatureFn] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the cached extractors: closures do not pickle, and a copy's
+        extractors must run its own copy of the model (rebuilt on its first call)."""
+        return {**self.__dict__, "_extractors": {}}
+
     def __call__(self, x: Tensor) -> list[Tensor]:
         """(B, C, H, W) -> feature maps (B, C_k, h_k, w_k), shallow to deep."""
         if callable(self.stages):

@@ -1,3 +1,6 @@
+import pickle
+from copy import deepcopy
+
 import pytest
 import timm
 import torch
@@ -89,6 +92,26 @@ def test_torchvision_model_via_feature_extraction():
     assert names == ["relu", "layer1", "layer2", "layer3"]  # layer4 is 1x1 at this size
     assert hook_count(net) == 0
     torch.testing.assert_close(feats, hooked_features(net, x, names))
+
+
+@pytest.mark.parametrize("make", [lambda: timm.create_model("resnet10t", pretrained=False, num_classes=10),
+                                  lambda: torchvision.models.resnet18(weights=None, num_classes=10)])
+def test_copies_and_pickles_extract_with_their_own_model(make):
+    """After a call (extractors cached), a deep copy uses its own model and a pickle round trip works."""
+    torch.manual_seed(0)
+    extractor, x = StageFeatures(make().eval()), torch.rand(2, 3, 32, 32)
+    before = extractor(x)
+    copy, unpickled = deepcopy(extractor), pickle.loads(pickle.dumps(extractor))
+    with torch.no_grad():
+        for p in extractor.model.parameters():
+            p.add_(1.0)
+    for other in (copy, unpickled):
+        torch.testing.assert_close(other(x), before)
+        assert other.model is not extractor.model
+    assert not torch.allclose(extractor(x)[0], before[0])
+    double = deepcopy(extractor)
+    double.model.double()
+    assert double(x.double())[0].dtype == torch.float64
 
 
 def test_wrapped_with_normalisation():
