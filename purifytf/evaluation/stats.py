@@ -3,8 +3,9 @@
 Two defences evaluated on the same images with the same seeds give paired outcomes (correct or not per
 image). :func:`paired_comparison` compares them: the difference in accuracy with Newcombe's hybrid score
 interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635, method 10: Wilson intervals of both
-accuracies combined with the phi correlation of the pairs) and McNemar's exact test (two-sided binomial
-test of the discordant pairs against 1/2). Single accuracies get Wilson score intervals. Pure Python.
+accuracies combined with the phi correlation of the pairs, its cross product corrected by N/2) and McNemar's
+exact test (two-sided binomial test of the discordant pairs against 1/2). Single accuracies get Wilson score
+intervals. Pure Python.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def paired_counts(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, int, 
             pairs.count((False, False)))
 
 
+def _corrected_phi(both: int, only_a: int, only_b: int, neither: int) -> float:
+    """Method 10's correlation of the pairs: phi with the cross product ``AD - BC`` reduced by ``N/2`` when
+    positive (0 when that crosses zero), which widens the interval of positively correlated pairs."""
+    n = both + only_a + only_b + neither
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    cross = both * neither - only_a * only_b
+    if not margins or 0 <= cross <= n / 2:
+        return 0.0
+    return (cross - n / 2 if cross > 0 else cross) / math.sqrt(margins)
+
+
 def paired_comparison(a: Sequence[bool], b: Sequence[bool], confidence: float = 0.95) -> dict:
     """Accuracy of A minus accuracy of B on the same images, with interval and exact McNemar p-value.
 
@@ -72,8 +84,7 @@ def paired_comparison(a: Sequence[bool], b: Sequence[bool], confidence: float = 
         raise ValueError("no images to compare")
     p1, p2 = (both + only_a) / n, (both + only_b) / n
     (l1, u1), (l2, u2) = wilson_interval(both + only_a, n, confidence), wilson_interval(both + only_b, n, confidence)
-    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
-    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    phi = _corrected_phi(both, only_a, only_b, neither)
     difference = p1 - p2
     lower = difference - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     upper = difference + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
