@@ -114,6 +114,7 @@ class DefendedModel(nn.Module):
         self.bpda = bpda
         channels = _check_channels(purifier, classifier)
         self.normalization = adapt_normalization(resolve_normalization(classifier, normalize), channels)
+        _check_saliency_input(purifier, classifier, self.normalization)
         self.train(False)
 
     def train(self, mode: bool = True):
@@ -172,6 +173,20 @@ class DefendedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"runs={self.runs}, vote={self.vote!r}, normalization={self.normalization}, bpda={self.bpda}"
+
+
+def _check_saliency_input(purifier: nn.Module | None, classifier: nn.Module,
+                          normalization: Normalization | None) -> None:
+    """A ``ValueError`` when a part of the purifier (SaliencyDiffPurify's ``classifier``) calls this very classifier
+    on [0, 1] images while the defended model normalises before it: the saliency would read unnormalised input."""
+    if purifier is None or normalization is None:
+        return
+    if any(getattr(m, "classifier", None) is classifier for m in purifier.modules()):
+        raise ValueError(
+            f"the purifier calls this classifier on [0, 1] images (for its saliency), but the defended model "
+            f"normalises with mean/std {normalization} before it: give the purifier "
+            f"nn.Sequential(v2.Normalize(mean, std), classifier) and the defended model that same Sequential with "
+            f"normalize=None")
 
 
 def _check_channels(purifier: nn.Module | None, classifier: nn.Module) -> int | None:

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights
+from torchvision.transforms import v2
 
-from purifytf import DiffPurify, OracleBackbone
+from purifytf import DiffPurify, OracleBackbone, SaliencyDiffPurify, SSNIPurify
 from purifytf.attacks import eot_gradient
 from purifytf.defended import DefendedModel, adapt_normalization, input_channels, resolve_normalization
 from purifytf.models.classifiers import AllConvNet, SmallCNN
@@ -158,6 +159,21 @@ def test_purifier_and_classifier_channel_mismatch_names_both_counts():
     assert input_channels(rgb) == 3 and input_channels(_ddim_purifier()) == 1
     with pytest.raises(ValueError, match="purifier outputs 1-channel images but the classifier takes 3"):
         DefendedModel(_ddim_purifier(), rgb)
+
+
+def test_a_saliency_purifier_sharing_a_normalised_classifier_is_refused():
+    """SaliencyDiffPurify calls its classifier on [0, 1] images: sharing one the defended model normalises
+    first would read the saliency from unnormalised input; the Sequential(Normalize, net) form is accepted."""
+    net = timm.create_model("resnet10t", in_chans=1, num_classes=10, pretrained=False).eval()
+    references = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    purifier = SaliencyDiffPurify(OracleBackbone(references), net, t_l=0.2, t_s=0.1, resample_steps=1, spacing=50)
+    with pytest.raises(ValueError, match=r"calls this classifier on \[0, 1\] images .* normalize=None"):
+        DefendedModel(purifier, net)
+    with pytest.raises(ValueError, match="for its saliency"):
+        DefendedModel(SSNIPurify(purifier, stats=None), net)  # nested, e.g. under SSNI
+    wrapped = nn.Sequential(v2.Normalize(*DefendedModel(None, net).normalization), net)
+    purifier = SaliencyDiffPurify(OracleBackbone(references), wrapped, t_l=0.2, t_s=0.1, resample_steps=1, spacing=50)
+    DefendedModel(purifier, wrapped, normalize=None)
 
 
 def test_images_that_do_not_fit_the_normalisation_are_refused():
