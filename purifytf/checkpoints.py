@@ -149,7 +149,12 @@ def _betas_schedule(betas: Any) -> NoiseSchedule:
 
 
 def schedule_from_diffusers(scheduler_config: dict[str, Any]) -> NoiseSchedule:
-    """The training schedule in a diffusers ``scheduler_config.json`` (DDPM/DDIM scheduler)."""
+    """The training schedule in a diffusers ``scheduler_config.json`` (DDPM/DDIM scheduler) of an eps-prediction
+    model (a ``prediction_type`` other than ``"epsilon"`` is refused: purifytf's backbones return eps)."""
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(f"the scheduler's model predicts {prediction!r}; purifytf's diffusion backbones are "
+                         "eps-prediction networks (prediction_type 'epsilon')")
     steps = scheduler_config.get("num_train_timesteps", 1000)
     start, end = scheduler_config.get("beta_start", 1e-4), scheduler_config.get("beta_end", 0.02)
     kind = scheduler_config.get("beta_schedule", "linear")

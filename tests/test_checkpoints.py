@@ -156,6 +156,10 @@ def test_schedule_from_diffusers_variants():
     assert scaled.num_steps == 10
     with pytest.raises(ValueError, match="unsupported"):
         schedule_from_diffusers({"beta_schedule": "sigmoid"})
+    assert schedule_from_diffusers({"prediction_type": "epsilon"}).num_steps == 1000
+    for prediction in ("v_prediction", "sample"):
+        with pytest.raises(ValueError, match=f"predicts '{prediction}'.*eps-prediction"):
+            schedule_from_diffusers({"prediction_type": prediction})
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         convert_state_dict("ckpt", {})
 
