@@ -49,7 +49,7 @@ def main() -> None:
     x, y = data.images[: args.images], data.labels[: args.images]
     ssni = pretrained.ssni_purify(pretrained=True, steps=10)
     defended = DefendedModel(ssni, pretrained.fashion_mnist_cnn(pretrained=True))
-    top = ssni.base.reference_level + round(ssni.bias * ssni.base.schedule.num_steps)
+    top = round(ssni.largest_level)
     generator = torch.Generator().manual_seed(0)
     attacked = [pgd_eot(defended, xb, yb, norm="Linf", eps=args.eps, step=args.eps / 4, steps=args.attack_steps,
                         eot=args.eot, generator=generator)

@@ -171,7 +171,7 @@ def test_seeded_noise_does_not_depend_on_the_compute_dtype(refs, name):
         torch.manual_seed(0)
         single = stochastic(refs, seed=None)[name].purify(x, source)
         torch.manual_seed(0)
-        double = stochastic(refs, seed=None)[name].double().purify(x.double(), gen(3) if source else None)
+        double = stochastic(refs, seed=None)[name].double().purify(x.double(), None if source is None else gen(3))
         assert torch.allclose(double.float(), single, atol=1e-4)
 
 

@@ -63,7 +63,8 @@ def test_further_from_references_gets_more_noise(purifier, references, reweight)
     t = p.noise_levels(pushed(references, [0.0, 0.005, 0.01, 0.02, 0.1]))
     assert t.dtype == torch.long and t.shape == (5,)
     assert torch.all(t[1:] >= t[:-1]) and t[-1] > t[0]
-    assert t.min() >= 1 and t.max() <= p.base.reference_level + p.bias * 1000
+    assert p.largest_level == pytest.approx(p.base.reference_level + 5)  # bias 0.005 of T = 1000: 5 steps
+    assert t.min() >= 1 and t.max() <= p.largest_level
 
 
 def test_level_of_a_sample_ignores_its_batch(purifier, references):

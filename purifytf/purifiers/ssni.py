@@ -134,11 +134,16 @@ class SSNIPurify(Purifier):
     def _check_range(self) -> None:
         """The largest level SSNI can pick, ``t* + bias``, must be at least one step and lie within the
         backbone's ``max_t``."""
-        top = self.base.reference_level + self.bias * self.base.schedule.num_steps
+        top = self.largest_level
         setting = f"SSNI's t* + bias (bias={self.bias})"
         if top < 1:
             raise ValueError(f"{setting} is {top:g} steps: every sample would get the lowest level, 1 step")
         self.base.check_level(top, setting)
+
+    @property
+    def largest_level(self) -> float:
+        """``t* + bias`` in steps of ``base``'s schedule (unrounded): the largest noise level SSNI can pick."""
+        return self.base.reference_level + self.bias * self.base.schedule.num_steps
 
     @property
     def in_channels(self) -> int:
