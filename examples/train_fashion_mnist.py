@@ -16,8 +16,6 @@ import argparse
 import copy
 import functools
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -37,21 +35,16 @@ from purifytf.train.data import ArrayData, fashion_mnist, read_idx, to_images
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
 from purifytf.train.impure import FeatureLoss, IMPureTrainer, TrainConfig
 from purifytf.train.loop import STATE_FILE, OptimConfig
+from purifytf.train.record import device_name, fit_sitting, machine, read_sittings, sitting
 
 PARTS = ("slice", "classifier", "ddpm", "impure", "ssni")
 SLICE_SIZE = 1000
 
 
-def device_name(device) -> str:
-    """``device`` as recorded: ``cpu``, or ``cuda:0 (NVIDIA H200)`` with the GPU's name."""
-    device = torch.device(device)
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
 def record(directory: Path, args, seconds: float, **metrics) -> None:
     """``metrics.json``: seed, seconds, CPU threads, machine and the device that trained."""
     write_metrics(directory, {"seed": args.seed, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                              "machine": machine(),
                               "device": device_name(args.device), **metrics})
 
 
@@ -83,28 +76,6 @@ def train_classifier(args, out: Path) -> None:
     (out / "classifier" / "training_state.pt").unlink()
     record(out / "classifier", args, seconds, steps=config.steps, batch_size=config.batch_size,
            test_accuracy=accuracy(model, fashion_mnist(args.data, "test")))
-
-
-def read_sittings(log: Path, resume: bool) -> list[dict]:
-    """The sittings logged so far in ``log`` (JSON list) when resuming, else none."""
-    return json.loads(log.read_text()) if resume and log.exists() else []
-
-
-def sitting(trainer, start_step: int, start: float, device, **labels) -> dict:
-    """The record of the steps ``trainer`` took since ``start_step``, begun at ``time.perf_counter()`` ``start``."""
-    return {**labels, "steps": [start_step, trainer.step], "seconds": round(time.perf_counter() - start, 1),
-            "threads": torch.get_num_threads(), "device": device_name(device)}
-
-
-def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[dict], device, **labels) -> None:
-    """Trains ``trainer`` to step ``stop``, checkpointing to ``directory``; a sitting that trained logs its steps,
-    seconds and threads in ``sittings`` and writes them to ``log``."""
-    start_step, start = trainer.step, time.perf_counter()
-    trainer.fit(directory, stop=stop)
-    if trainer.step > start_step:  # a sitting that only re-exports adds nothing
-        sittings.append(sitting(trainer, start_step, start, device, **labels))
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(json.dumps(sittings, indent=1) + "\n")
 
 
 def ddpm_architecture(args) -> dict:
@@ -217,7 +188,7 @@ def train_impure(args, out: Path) -> None:
         safetensors.torch.load_model(purifier, args.impure_init / "model.safetensors", strict=True)
     classifier = SmallCNN.from_pretrained(out / "classifier").to(args.device).eval()
     work = args.impure_checkpoints or out / "impure-checkpoints"
-    sittings = read_sittings(work / "sittings.json", args.resume)
+    sittings = read_sittings(work / "sittings.json", args.resume or args.impure_export)
     perceptual = FeatureLoss(classifier, {"": args.impure_perceptual_weight})  # L1 on the classifier's logits
     done = {}
     for stage, steps, loss in (("pretrain", args.impure_pretrain_steps, None),

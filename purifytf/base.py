@@ -167,6 +167,20 @@ class Purifier(
         weights = [t for t in tensors if id(t) not in schedules] or tensors
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 
+    def _needs_transform_list(self, flat_inputs: list) -> list[bool]:
+        """torchvision's rule (without an explicit image, only the first plain tensor is one), refusing a sample
+        whose second image-like plain tensor would pass through unpurified."""
+        needs = super()._needs_transform_list(flat_inputs)
+        plain = [inpt for inpt in flat_inputs if type(inpt) is Tensor and inpt.ndim >= 3]
+        if len(plain) > 1 and not any(isinstance(inpt, (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image))
+                                      for inpt in flat_inputs):
+            shapes = ", ".join(str(tuple(inpt.shape)) for inpt in plain)
+            raise ValueError(f"the sample holds {len(plain)} plain tensors of 3+ dimensions ({shapes}); a transform "
+                             "treats only the first as the image and would pass the others through unpurified: "
+                             "purify each image on its own, or wrap the images in tv_tensors.Image (and masks in "
+                             "tv_tensors.Mask)")
+        return needs
+
     def transform(self, inpt, params):
         if isinstance(inpt, (PIL.Image.Image, np.ndarray)):
             check_images(inpt, None, 0)  # raises the PIL or NumPy message

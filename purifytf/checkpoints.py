@@ -41,6 +41,13 @@ def _is_score_sde_checkpoint(obj: Any) -> bool:
             and isinstance(obj["ema"].get("shadow_params"), list))
 
 
+def _has_safetensors_header(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: a little-endian u64 header length, then a JSON object."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_state_dict_file(path: str | Path, map_location: str | torch.device = "cpu") -> StateDict:
     """Read a flat ``{name: tensor}`` file: ``.safetensors``, else a ``weights_only`` torch pickle.
 
@@ -52,7 +59,7 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
     or is a pickle that would need to run code to load (refused, never executed).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _has_safetensors_header(path):
         try:
             state = load_file(path, device=str(map_location))
         except (SafetensorError, OSError) as err:
@@ -61,6 +68,9 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
+            if "unsupported global" not in str(err).lower():  # what weights_only refuses to build
+                raise ValueError(f"{path}: not a torch checkpoint (corrupt, truncated, or another kind of file, "
+                                 f"e.g. an error page saved by a download?): {err}") from err
             raise ValueError(f"{path}: refused to load: the pickle holds more than tensors and plain containers "
                              f"(only safetensors and torch.load(weights_only=True) files are read): {err}") from err
         except (RuntimeError, EOFError) as err:

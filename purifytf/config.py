@@ -35,6 +35,13 @@ _CLASSES: dict[str, type] = {}
 _LEGACY_NESTED = ("class", "config")  # nested purifiers as saved before CLASS_KEY existed
 
 
+def legacy_steps_to_fractions(config: dict[str, Any], keys: tuple[str, ...], num_steps: int = 1000) -> dict[str, Any]:
+    """``config`` with its noise settings ``keys`` saved as steps of T = ``num_steps`` (before class names were
+    recorded) converted to fractions of T. Only values of magnitude above 1 are steps (a fraction of T is at most 1,
+    and 0 is 0 in both units), so a current config without its class name is never rescaled."""
+    return {**config, **{k: config[k] / num_steps for k in keys if abs(config.get(k) or 0) > 1}}
+
+
 def config_class(name: str) -> type:
     """The :class:`Configurable` class saved under ``name`` (every subclass registers itself)."""
     if name not in _CLASSES:
@@ -59,7 +66,8 @@ def set_downloader(download: Callable[..., Path]) -> None:
 
 
 def _hub_file(name_or_path: str | Path, filename: str, download: dict) -> Path:
-    """``filename`` of a local folder, or of a Hub repo (downloaded or from the cache)."""
+    """``filename`` of a local folder (``~`` expanded), or of a Hub repo (downloaded or from the cache)."""
+    name_or_path = os.path.expanduser(name_or_path)
     if os.path.isdir(name_or_path):
         return Path(name_or_path) / filename
     text, exists = str(name_or_path), os.path.exists(name_or_path)

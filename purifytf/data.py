@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -29,7 +30,8 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def to_8bit(image: PIL.Image.Image, grey: bool | None = None) -> PIL.Image.Image:
-    """``image`` as 8-bit grey (``"L"``) or RGB: as ``grey`` says, or by its own mode when ``None``.
+    """``image`` as 8-bit grey (``"L"``) or RGB, upright (its EXIF orientation applied): as ``grey`` says, or by
+    its own mode (:func:`is_grey`) when ``None``.
 
     16-bit grey is scaled (65535 -> 255), not clipped as ``Image.convert`` does; 32-bit integer and float
     images (modes ``I``, ``F``), whose range the file does not state, raise a ``ValueError``.
@@ -37,11 +39,17 @@ def to_8bit(image: PIL.Image.Image, grey: bool | None = None) -> PIL.Image.Image
     if image.mode in ("I", "F"):
         raise ValueError(f"a {image.mode} image (32-bit integer or floating point), whose range is not known: "
                          "save it with 8 or 16 bits per channel")
+    image = PIL.ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
         image = PIL.Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     if grey is None:
-        grey = image.mode in ("1", "L", "LA")
+        grey = is_grey(image)
     return image.convert("L" if grey else "RGB")
+
+
+def is_grey(image: PIL.Image.Image) -> bool:
+    """Whether ``image``'s mode is grey (bilevel, 8- or 16-bit grey, with or without alpha)."""
+    return image.mode in ("1", "L", "LA") or image.mode.startswith("I;16")
 
 
 def _resize(image_size: int | None) -> list[v2.Transform]:
@@ -62,7 +70,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path} is not an IDX file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim).reshape(shape).copy()
+    array = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim).reshape(shape)
+    return array.astype(array.dtype.newbyteorder("="))  # a native-order copy (torch reads no big-endian)
 
 
 FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -93,18 +102,25 @@ def load_array(path: str | Path) -> np.ndarray:
 def to_images(array: np.ndarray | Tensor) -> Tensor:
     """(N, H, W), (N, H, W, C) with C in {1, 3} or (N, C, H, W) -> float (N, C, H, W) in [0, 1].
 
-    Integer arrays are scaled by 1/255; float arrays must already lie in [0, 1].
+    ``uint16`` arrays are scaled by 1/65535, other integer arrays (values in [0, 255]) by 1/255; float arrays
+    must already lie in [0, 1]. Values outside these ranges raise a ``ValueError`` (never a silent rescale).
     """
-    images = torch.as_tensor(np.asarray(array))
+    array = np.asarray(array)
+    top = 1.0 if np.issubdtype(array.dtype, np.floating) else 65535 if array.dtype == np.uint16 else 255
+    if top == 1 and not np.isfinite(array).all():
+        raise ValueError("float images hold NaN or infinite values")
+    if array.size and (array.min() < 0 or array.max() > top):
+        kind = "float" if top == 1 else str(array.dtype)
+        raise ValueError(f"{kind} images must lie in [0, {top:g}], got values in [{array.min():g}, {array.max():g}]: "
+                         "scale floats to [0, 1] or save 8-bit images as uint8")
+    images = torch.as_tensor(array.astype(np.float32))
     if images.dim() == 3:
         images = images.unsqueeze(1)
     elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2)
     if images.dim() != 4:
         raise ValueError(f"expected images (N, H, W), (N, H, W, C) or (N, C, H, W), got {tuple(images.shape)}")
-    if images.is_floating_point():
-        return images.float().contiguous()
-    return images.float().div(255).contiguous()
+    return images.div(top).contiguous()
 
 
 class ArrayData(Dataset):
@@ -136,7 +152,8 @@ class ArrayData(Dataset):
 class ImageFolderData(Dataset):
     """Image files under ``root`` (recursive, sorted); labels are the sorted first-level folders.
 
-    Files directly in ``root`` have no label. Without ``image_size`` all images must share a size.
+    Files directly in ``root`` have no label. Every image is read grey if all files are grey, else RGB (a grey file
+    among colour ones is repeated to 3 channels). Without ``image_size`` all images must share a size.
     """
 
     def __init__(self, root: str | Path, image_size: int | None = None):
@@ -145,6 +162,7 @@ class ImageFolderData(Dataset):
         if not self.files:
             raise ValueError(f"no image files under {self.root}")
         self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.files if p.parent != self.root})
+        self.grey = all(_file_is_grey(path) for path in self.files)  # one channel count for every image
         self.transform = _image_transform(image_size)
 
     def __len__(self) -> int:
@@ -154,11 +172,20 @@ class ImageFolderData(Dataset):
         path = self.files[index]
         with PIL.Image.open(path) as file:
             try:
-                image = to_8bit(file)
+                image = to_8bit(file, grey=self.grey)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from None
         label = NO_LABEL if path.parent == self.root else self.classes.index(path.relative_to(self.root).parts[0])
         return self.transform(image), label
+
+
+def _file_is_grey(path: Path) -> bool:
+    """:func:`is_grey` of an image file, from its header."""
+    try:
+        with PIL.Image.open(path) as file:
+            return is_grey(file)
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
 def torchvision_dataset(name: str, root: str | Path, train: bool = True, split: str | None = None,

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .checkpoints import convert_state_dict, load_state_dict_file
+from .checkpoints import FORMATS, convert_state_dict, load_state_dict_file
 from .config import read_config, set_downloader
 from .diffusion.backbones import Backbone, build_backbone, schedule_from_config
 from .diffusion.guided_unet import unet_kwargs_from_flags
@@ -102,6 +102,8 @@ class Weights:
     def __post_init__(self):
         if sum(source is not None for source in (self.repo_id, self.url, self.bundled)) > 1:
             raise ValueError(f"weights {self.name!r}: give at most one of repo_id, url and bundled")
+        if self.format not in FORMATS:
+            raise ValueError(f"weights {self.name!r}: unknown format {self.format!r}; known: {sorted(FORMATS)}")
         unknown = set(self.purifier_settings) - set(PURIFIER_METHODS)
         if unknown:
             raise ValueError(f"weights {self.name!r}: purifier_settings for unknown methods {sorted(unknown)}; "
@@ -236,9 +238,18 @@ def hub_download(repo_id: str, filenames: str | tuple[str, ...], *, revision: st
                        f"`hf download {repo_id} --revision {revision}`")
 
 
-def _hf_file(w: Weights, cache_dir: str | Path | None, offline: bool) -> Path:
-    return hub_download(w.repo_id, w.filenames, revision=w.revision, cache_dir=cache_dir, local_files_only=offline,
+def _hf_file(w: Weights, cache_dir: str | Path | None, offline: bool, check_hash: bool) -> Path:
+    path = hub_download(w.repo_id, w.filenames, revision=w.revision, cache_dir=cache_dir, local_files_only=offline,
                         what=f"weights {w.name!r}", local=f"load_backbone({w.name!r}, path=FILE)")
+    if check_hash and w.sha256 is not None:
+        _check_sha256(w, path)
+    return path
+
+
+def _check_sha256(w: Weights, path: Path) -> None:
+    if _sha256(path) != w.sha256:
+        raise ValueError(f"weights {w.name!r}: {path} does not match the recorded sha256 {w.sha256}; "
+                         f"delete it to download it again")
 
 
 def _url_file(w: Weights, cache_dir: str | Path | None, offline: bool, check_hash: bool) -> Path:
@@ -255,9 +266,8 @@ def _url_file(w: Weights, cache_dir: str | Path | None, offline: bool, check_has
                                f"put the file in {path.parent} (TORCH_HOME, or cache_dir=)")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(w.url, str(path), hash_prefix=w.sha256 if check_hash else None)
-    elif check_hash and _sha256(path) != w.sha256:
-        raise ValueError(f"weights {w.name!r}: {path} does not match the recorded sha256 {w.sha256}; "
-                         f"delete it to download it again")
+    elif check_hash:
+        _check_sha256(w, path)
     return path
 
 
@@ -277,14 +287,15 @@ def weights_file(
         local_files_only: never download (default: ``HF_HUB_OFFLINE``). ``False`` lets URL weights download
             even under ``HF_HUB_OFFLINE=1`` (a Hugging Face setting); Hugging Face weights stay offline then,
             as in ``huggingface_hub``.
-        check_hash: verify URL downloads against their sha256 (refuses when none is recorded).
+        check_hash: verify the file against its recorded sha256 (URL weights without one are refused; Hugging Face
+            weights without one rely on the Hub's revision).
     """
     w = get_weights(weights)
     if w.bundled is not None:
         return bundled_file(w.bundled)
     offline = _offline(local_files_only)
     if w.repo_id is not None:
-        return _hf_file(w, cache_dir, offline)
+        return _hf_file(w, cache_dir, offline, check_hash)
     if w.url is not None:
         return _url_file(w, cache_dir, offline, check_hash)
     raise FileNotFoundError(f"weights {w.name!r}: no verified download source is recorded ({w.card.get('source')}); "
@@ -310,13 +321,16 @@ def companion_file(weights: str | Weights, name: str) -> Path:
 
 
 def backbone_config(weights: str | Weights) -> dict[str, Any]:
-    """The backbone config of ``weights``: the registered one, or the ``config.json`` beside bundled weights."""
+    """The backbone config of ``weights``: the registered one, else the ``config.json`` beside bundled weights or in
+    a Hub repo that ``Backbone.save_pretrained`` / ``push_to_hub`` wrote (``purifytf`` format)."""
     w = get_weights(weights)
     if w.config is not None:
         return w.config
-    if w.bundled is None:
-        raise ValueError(f"weights {w.name!r} record no backbone config")
-    return read_config(bundled_file(w.bundled).parent)
+    if w.bundled is not None:
+        return read_config(bundled_file(w.bundled).parent)
+    if w.repo_id is not None and w.format == "purifytf":
+        return read_config(w.repo_id, revision=w.revision)
+    raise ValueError(f"weights {w.name!r} record no backbone config")
 
 
 def untrained_backbone(weights: str | Weights) -> Backbone:

@@ -4,8 +4,10 @@ Each entry is :func:`purifytf.create_purifier` of one method. ``pretrained`` loa
 ``weights`` (a name from :func:`purifytf.hub.list_weights`) picks the backbone and the data it was
 trained on, and the model's own constructor arguments override the variant's settings.
 ``weights="fashion-mnist"`` is the embedded default that ships inside the package (works offline);
-``"ddpm-cifar10-32"`` and ``"guided-diffusion-256-uncond"`` are the papers' public backbones
-(downloaded once, then cached).
+``"ddpm-cifar10-32"`` (Hugging Face, downloaded once, then cached) and ``"guided-diffusion-256-uncond"`` are the
+papers' public backbones. No sha256 of the guided-diffusion file is recorded yet, so ``pretrained=True`` refuses to
+download it unverified: load it with ``purifytf.hub.load_backbone("guided-diffusion-256-uncond", check_hash=False)``
+and pass it as ``backbone=``.
 """
 
 from __future__ import annotations

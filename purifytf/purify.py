@@ -6,10 +6,12 @@
     purifytf purify scans/ extra.jpg --out purified/      # files and folders (recursive) into a folder
 
 Outputs keep the inputs' sizes, file names and formats (a folder's sub-folders are kept under
-``--out``); no input is ever overwritten. Images are read as grey or RGB to fit the purifier's
+``--out``); no input is ever overwritten, nor an existing output without ``--overwrite`` (images already under
+``--out`` are not read as inputs). Images are read as grey or RGB to fit the purifier's
 channels: grey images are repeated to RGB, and RGB images whose three channels are equal count as
 grey; a colour image for a grey purifier is an error, and so are 32-bit and floating-point images (16-bit
-ones are read scaled to 8 bits, and written with 8). Every
+ones are read scaled to 8 bits, and written with 8). The EXIF orientation is applied; an alpha channel is dropped.
+Every
 input is read and checked before the first output is written. ``--seed`` makes the purification
 deterministic (the purifier's ``seed``). A saved saliency purifier needs ``--classifier``, the architecture
 of the classifier saved with it.
@@ -38,19 +40,21 @@ DEFAULT_PURIFIER = "saliency_diffpure.fashion_mnist"
 """The embedded default: SaliencyDiffPurify on the bundled Fashion-MNIST DDPM (28x28 grey, 10 NFE)."""
 
 
-def collect_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
-    """``(source, destination)`` of every image: files as ``out/NAME``, folders' images (recursively) at their
-    path relative to the folder. Refuses destinations that are an input or that two inputs share."""
+def collect_images(inputs: list[Path], out: Path, overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """``(source, destination)`` of every image: files as ``out/NAME``, folders' images (recursively, except those
+    under ``out``: earlier outputs) at their path relative to the folder. Refuses destinations that are an input,
+    that two inputs share, or that exist (unless ``overwrite``)."""
     pairs = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.resolve().is_relative_to(out.resolve()))
             if not found:
                 raise ValueError(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
             pairs += [(p, out / p.relative_to(item)) for p in found]
         else:
             pairs.append((_image_file(item), out / item.name))
-    return _check_destinations(pairs)
+    return _check_destinations(pairs, overwrite)
 
 
 def _image_file(path: Path) -> Path:
@@ -61,13 +65,15 @@ def _image_file(path: Path) -> Path:
     return path
 
 
-def _check_destinations(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+def _check_destinations(pairs: list[tuple[Path, Path]], overwrite: bool) -> list[tuple[Path, Path]]:
     sources = {p.resolve(): p for p, _ in pairs}
     seen: dict[Path, Path] = {}
     for source, destination in pairs:
         target = destination.resolve()
         if target in sources:
             raise ValueError(f"refusing to overwrite the input {sources[target]}: choose another output")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{destination} exists: delete it, choose another output, or pass --overwrite")
         if target in seen:
             raise ValueError(f"{seen[target]} and {source} would both be written to {destination}: "
                              "purify them into different output folders")
@@ -130,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="PNG/JPEG files or folders; or exactly IN OUT (two files) without --out")
     parser.add_argument("--out", type=Path, help="output folder (created); inputs are never overwritten")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never inputs)")
     parser.add_argument("--purifier", default=DEFAULT_PURIFIER,
                         help="a name of `purifytf.factory.list_purifiers()` (pretrained weights; *.fashion_mnist are "
                              f"embedded), a saved directory or a Hub repo id (default {DEFAULT_PURIFIER})")
@@ -143,15 +150,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pairs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     if args.out is not None:
-        return collect_images(args.inputs, args.out)
+        return collect_images(args.inputs, args.out, args.overwrite)
     if len(args.inputs) == 2 and args.inputs[1].suffix.lower() in IMAGE_SUFFIXES:
         source, destination = args.inputs
         if source.is_dir():
             raise ValueError(f"{source} is a folder: give the output folder with --out")
-        if destination.exists():  # maybe a second input, not an output: never overwrite it
+        if destination.exists() and not args.overwrite:  # maybe a second input, not an output
             raise ValueError(f"{destination} exists: to purify both files give --out FOLDER; to replace an "
-                             "earlier output, delete it first")
-        return _check_destinations([(_image_file(source), destination)])
+                             "earlier output, delete it first or pass --overwrite")
+        return _check_destinations([(_image_file(source), destination)], args.overwrite)
     raise ValueError("give the output: --out FOLDER, or exactly two files IN OUT")
 
 

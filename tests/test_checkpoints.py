@@ -1,5 +1,6 @@
 """Real checkpoint layouts (against /work/shared/formats manifests), the guided-diffusion UNet, safe loading."""
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -191,6 +192,13 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, writer):
     assert not marker.exists()
 
 
+def _legacy_torch_save(state) -> bytes:
+    """``state`` in torch's pre-zip pickle format."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
 def test_safe_loading_of_good_files_and_clear_errors(tmp_path):
     state = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
     save_file(state, tmp_path / "ok.safetensors")
@@ -204,10 +212,14 @@ def test_safe_loading_of_good_files_and_clear_errors(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00not safetensors at all")
     pt = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(pt[: len(pt) // 2])
-    for name in ("truncated.safetensors", "garbage.safetensors", "truncated.pt"):
-        with pytest.raises(ValueError, match="corrupt or truncated") as err:
+    (tmp_path / "page.bin").write_bytes(b"<!DOCTYPE html><html>404 Not Found</html>")
+    (tmp_path / "legacy-truncated.bin").write_bytes(_legacy_torch_save(state)[:300])
+    for name in ("truncated.safetensors", "garbage.safetensors", "truncated.pt", "page.bin", "legacy-truncated.bin"):
+        with pytest.raises(ValueError, match="corrupt|truncated") as err:
             load_state_dict_file(tmp_path / name)
-        assert str(tmp_path / name) in str(err.value)
+        assert str(tmp_path / name) in str(err.value) and "refused" not in str(err.value)
+    (tmp_path / "named.bin").write_bytes(data)  # a safetensors file under another suffix is read as one
+    assert load_state_dict_file(tmp_path / "named.bin").keys() == state.keys()
 
     torch.save({"model": state, "step": 3}, tmp_path / "nested.pt")
     with pytest.raises(ValueError, match="flat state_dict"):

@@ -60,6 +60,19 @@ def test_plain_tensor_sample_with_tensor_label(purifier):
     assert out_x.shape == x.shape and out_y is y
 
 
+@pytest.mark.parametrize("pack", [list, tuple, lambda pair: dict(zip(["clean", "adv"], pair, strict=True))])
+def test_a_second_plain_image_is_refused_not_passed_through(purifier, pack):
+    """torchvision transforms only the first plain tensor of a sample: a second image would leave unpurified."""
+    with pytest.raises(ValueError, match="2 plain tensors of 3\\+ dimensions.*tv_tensors.Image"):
+        purifier(pack([torch.rand(1, 8, 8), torch.rand(1, 8, 8)]))
+    images = pack([tv_tensors.Image(torch.rand(1, 8, 8)), tv_tensors.Image(torch.rand(1, 8, 8))])
+    out = purifier(images)
+    outs = out.values() if isinstance(out, dict) else out
+    assert all(type(o) is tv_tensors.Image for o in outs)
+    assert all(not torch.equal(o, i) for o, i in zip(outs, images.values() if isinstance(images, dict) else images,
+                                                     strict=True))
+
+
 def test_sizes_other_than_the_backbone_are_resized_in_and_out(references):
     purifier = DiffPurify(OracleBackbone(references), t_star=0.05, steps=2, seed=0)
     big = torch.nn.functional.interpolate(references, size=(16, 12), mode="nearest")

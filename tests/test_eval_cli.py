@@ -1,5 +1,6 @@
 """``purifytf eval``: records and summaries, resuming after an interruption, loaders, clear errors."""
 
+import argparse
 import json
 import textwrap
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 from purifytf import DefendedModel, DiffPurify, create_purifier
 from purifytf.attacks import AttackSettings, parse_attacks
 from purifytf.evaluation import harness, load_dataset, load_records
-from purifytf.evaluation.cli import main
+from purifytf.evaluation.cli import add_arguments, defended_model, main
 from purifytf.evaluation.loading import load_classifier, load_purifier
 
 TOY_MODULE = textwrap.dedent('''
@@ -269,6 +270,23 @@ def test_dataset_formats(tmp_path):
         Image.new("RGB", (6, 5), (255, 0, 0)).save(tmp_path / "folder" / name / "0.png")
     image, label = load_dataset(f"folder:{tmp_path / 'folder'}", size=4)[1]
     assert image.shape == (3, 4, 4) and label == 1 and image[0].min() > 0.99 and image[1].max() < 0.01
+    Image.new("L", (6, 5), 128).save(tmp_path / "folder" / "a" / "1.png")  # a grey file among colour ones
+    mixed = load_dataset(f"folder:{tmp_path / 'folder'}")
+    assert [mixed[i][0].shape for i in range(3)] == [(3, 5, 6)] * 3
+
+
+def test_array_data_out_of_range_is_refused_and_every_byte_order_is_read(tmp_path):
+    images = np.full((2, 3, 3), 200.0, np.float32)
+    np.savez(tmp_path / "float255.npz", images=images, labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\], got values in \[200, 200\]"):
+        load_dataset(f"npz:{tmp_path / 'float255.npz'}")
+    np.savez(tmp_path / "u16.npz", images=np.full((2, 3, 3), 65535, np.uint16), labels=np.array([0, 1]))
+    assert load_dataset(f"npz:{tmp_path / 'u16.npz'}")[0][0].max() == 1
+    wide = np.array([[[0, 255], [7, 9]]], ">i2")  # IDX type 0x0B: big-endian int16
+    (tmp_path / "wide.idx").write_bytes(bytes([0, 0, 0x0B, 3]) + np.array(wide.shape, ">u4").tobytes() + wide.tobytes())
+    (tmp_path / "one.idx").write_bytes(_idx_bytes(np.array([3])))
+    image, label = load_dataset(f"idx:{tmp_path / 'wide.idx'},{tmp_path / 'one.idx'}")[0]
+    assert label == 3 and torch.equal(image[0] * 255, torch.tensor([[0.0, 255], [7, 9]]))
 
 
 def test_reports_robustbench_model_info_and_hub_model_index(setup, tmp_path):
@@ -323,3 +341,22 @@ def test_model_info_threat_model_and_eps():
     info = model_info(summary, "m", "cifar10")
     assert (info["threat_model"], info["eps"], info["external"]) == ("L2", "0.5", "50.00")
     assert "autoattack_acc" not in info
+
+
+@pytest.mark.parametrize("normalize", ["none", "0.5:0.25"])
+def test_a_named_saliency_purifier_looks_at_the_defended_classifier(normalize):
+    """``--classifier`` reaches a named saliency variant (not the bundled classifier), and ``--normalize`` is applied
+    inside that classifier, so the saliency reads it on [0, 1] images as the defended model does."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--purifier", "saliency_diffpure.fashion_mnist", "--classifier",
+                              "purifytf:fashion_mnist_cnn", "--normalize", normalize, "--dataset", "bundled:x",
+                              "--output", "out"])
+    defended, normalization = defended_model(args)
+    assert defended.normalization is None and defended.purifier.classifier is defended.classifier
+    x = torch.rand(2, 1, 28, 28)
+    if normalize == "none":
+        assert normalization is None and not isinstance(defended.classifier, nn.Sequential)
+    else:
+        assert normalization == ((0.5,), (0.25,))
+        torch.testing.assert_close(defended.classifier(x), defended.classifier[1]((x - 0.5) / 0.25))

@@ -142,3 +142,14 @@ def test_impure_recipe_options(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv + ["--part", "impure", "--impure-architecture", "patch_size:2"])
     with pytest.raises(SystemExit):
         runpy.run_path(str(RECIPE), run_name="__main__")
+
+    # --impure-export re-exports the kept checkpoint with the training record of its sittings
+    kept = ["--part", "impure", "--impure-checkpoints", str(tmp_path / "ckpt")]
+    monkeypatch.setattr(sys, "argv", argv + kept)
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    trained = json.loads((out / "impure" / "metrics.json").read_text())
+    monkeypatch.setattr(sys, "argv", argv + kept + ["--impure-export"])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    exported = json.loads((out / "impure" / "metrics.json").read_text())
+    assert exported["sittings"] == trained["sittings"] and len(trained["sittings"]) == 2
+    assert exported["seconds"] == trained["seconds"] > 0

@@ -155,6 +155,12 @@ def test_every_config_names_its_class(tmp_path):
         SSNIPurify.from_pretrained(tmp_path / "DiffPurify")
 
 
+def test_a_saved_folder_under_the_home_directory_loads_by_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    purifytf.JPEGPurify(quality=42).save_pretrained(tmp_path / "runs" / "jpeg")
+    assert purifytf.load_purifier("~/runs/jpeg").quality == 42
+
+
 def test_settings_changed_after_construction_are_saved(tmp_path):
     purifier = DiffPurify(OracleBackbone(torch.rand(2, 1, 8, 8)), t_star=0.1)
     purifier.seed, purifier.steps, purifier.checkpoint, purifier.t_star = 3, 4, True, 0.05
@@ -209,18 +215,24 @@ def test_backbone_trained_range(tmp_path):
 
 
 def test_configs_saved_before_class_names_still_load(tmp_path):
-    """The bundled IMPurify config.json counts image_t/feature_t in steps and names no class."""
-    legacy = json.loads((ASSETS / "fashion-mnist" / "impure" / "config.json").read_text())
-    if "_class_name" not in legacy:
-        assert legacy["image_t"] > 1
-    impure = IMPurify.from_pretrained(ASSETS / "fashion-mnist" / "impure")
-    assert 0 < impure.image_t <= 1 and 0 < impure.feature_t <= 1
-    assert IMPurify.from_config({"preset": "tiny", "in_channels": 1, "image_t": 400, "feature_t": 600}).image_t == 0.4
+    """Configs saved before class names were recorded count IMPurify's image_t/feature_t and SSNI's bias in steps;
+    a current config that lost its class name is not rescaled."""
+    saved = tmp_path / "impure"
+    IMPurify.from_pretrained(ASSETS / "fashion-mnist" / "impure").save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+    legacy = {k: v for k, v in config.items() if k != "_class_name"}
+    (saved / "config.json").write_text(json.dumps({**legacy, "image_t": 400, "feature_t": 600}))
+    impure = IMPurify.from_pretrained(saved)
+    assert (impure.image_t, impure.feature_t) == (0.4, 0.6)
+    (saved / "config.json").write_text(json.dumps(legacy))
+    impure = IMPurify.from_pretrained(saved)
+    assert (impure.image_t, impure.feature_t) == (config["image_t"], config["feature_t"])
     base = DiffPurify(OracleBackbone(torch.rand(2, 1, 8, 8)))
     old = {"base": {"class": "DiffPurify", "config": {k: v for k, v in base.config.items() if k != "_class_name"}},
            "bias": 5.0, "eps_steps": 3}
     old["base"]["config"]["backbone"] = {"kind": "oracle", "num_references": 2, "channels": 1, "size": [8, 8]}
     ssni = SSNIPurify.from_config(old)
     assert ssni.bias == 0.005 and isinstance(ssni.base.backbone, OracleBackbone)
+    assert SSNIPurify.from_config({**old, "bias": 0.005}).bias == 0.005
     with pytest.raises(ValueError, match="names no class"):
         Purifier.from_config({"t_star": 0.1})

@@ -104,6 +104,8 @@ def test_registry_lists_the_real_checkpoints(registry):
         hub.register_weights(hub.get_weights("ddpm-cifar10-32"))
     with pytest.raises(ValueError, match="at most one"):
         hub.Weights(name="x", config={}, repo_id="a/b", url="https://example.com/x.pt")
+    with pytest.raises(ValueError, match="unknown format 'diffusers'"):  # refused before any download
+        hub.Weights(name="x", config={}, repo_id="a/b", format="diffusers")
     assert hub.get_weights("guided-diffusion-256-uncond").sha256 == hub.GUIDED_DIFFUSION_256_UNCOND_SHA256
 
 
@@ -135,9 +137,42 @@ def test_revision_pinning(tiny_hf_weights, registry):
         hub.weights_file(hub.Weights(**{**base.__dict__, "name": "other", "revision": "e" * 40}))
 
 
+def test_a_saved_backbone_on_the_hub_registers_by_repo_id_alone(offline_cache, tmp_path):
+    """Weights naming only the repo of a ``Backbone.save_pretrained`` folder take its config.json."""
+    backbone = seeded(tiny_diffusers_backbone())
+    backbone.save_pretrained(tmp_path / "saved")
+    make_hf_cache(offline_cache, "purifytf-test/saved", {name: (tmp_path / "saved" / name).read_bytes()
+                                                         for name in ("config.json", "model.safetensors")})
+    hub.register_weights(hub.Weights(name="saved-ddpm", repo_id="purifytf-test/saved"))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 600])
+    with torch.no_grad():
+        torch.testing.assert_close(hub.load_backbone("saved-ddpm")(x, t), backbone(x, t))
+
+
+def test_hub_weights_are_checked_against_a_recorded_sha256(tiny_hf_weights):
+    base = hub.get_weights("tiny-ddpm")
+    good = hashlib.sha256(legacy_diffusers_file(tiny_hf_weights)).hexdigest()
+    assert hub.weights_file(hub.Weights(**{**base.__dict__, "name": "hashed", "sha256": good})).exists()
+    wrong = hub.Weights(**{**base.__dict__, "name": "wrong", "sha256": "0" * 64})
+    with pytest.raises(ValueError, match="does not match the recorded sha256"):
+        hub.weights_file(wrong)
+    assert hub.weights_file(wrong, check_hash=False).exists()
+
+
 def test_local_files_only_overrides_the_environment(tiny_hf_weights, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    """With the environment online and the Hub answering, local_files_only=True still never asks the Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "_unreachable", lambda url: None)
+    real = hub.hf_hub_download
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        assert local_files_only, "asked the Hub"
+        return real(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(hub, "hf_hub_download", cache_only)
     assert hub.weights_file("tiny-ddpm", local_files_only=True).name == "diffusion_pytorch_model.safetensors"
+    with pytest.raises(AssertionError, match="asked the Hub"):
+        hub.weights_file("tiny-ddpm", local_files_only=False)
 
 
 def guided_url_weights(tmp_path, sha256):

@@ -66,6 +66,27 @@ def test_never_overwrites_its_inputs(tmp_path, images, capsys):
     assert [p.read_bytes() for p in images] == before
 
 
+def test_existing_outputs_are_replaced_only_when_asked_and_never_read_as_inputs(tmp_path, images, capsys):
+    out = images[0].parent / "purified"  # inside the input folder
+    args = ["purify", str(images[0].parent), "--out", str(out), "--no-progress", "--seed", "0"]
+    assert main(args) == 0
+    first = (out / "a.png").read_bytes()
+    (out / "a.png").write_bytes(b"an unrelated file")
+    assert main(args) == 2  # the earlier outputs are not inputs, and an existing file is not replaced silently
+    assert "a.png exists: delete it, choose another output, or pass --overwrite" in capsys.readouterr().err
+    assert (out / "a.png").read_bytes() == b"an unrelated file"
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "a.png").read_bytes() == first and not (out / "purified").exists()
+
+
+def test_the_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(path, exif=exif)
+    assert read_image(path, 1).shape == (1, 40, 20)
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.png", "--out", "o"], "no such file or folder"),
     (["missing.png", "o.png"], "missing.png: no such file or folder"),

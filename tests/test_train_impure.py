@@ -1,6 +1,7 @@
 """The IMPure training recipe, its data sources and its command line."""
 
 import argparse
+import json
 import math
 
 import numpy as np
@@ -158,3 +159,7 @@ def test_command_line_trains_and_resumes(tmp_path):
     assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["step"] == 2
     purifier = IMPurify.from_pretrained(tmp_path / "run")
     assert purifier.in_channels == 1 and purifier.network.config.embed_dim == 128
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())  # both sittings, summed
+    assert [s["steps"] for s in record["sittings"]] == [[0, 1], [1, 2]] and record["steps"] == 2
+    assert record["seed"] == 0 and record["device"] == "cpu" and record["stage"] == "pretrain"
+    assert record["seconds"] == round(sum(s["seconds"] for s in record["sittings"]), 1)

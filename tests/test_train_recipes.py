@@ -81,6 +81,10 @@ def test_ddpm_resume_repeats_the_uninterrupted_run_with_its_average(tmp_path):
     assert config["unet"]["block_out_channels"] == [8, 8]
     fresh = build_backbone(config)
     safetensors.torch.load_model(fresh, tmp_path / "model.safetensors", strict=True)
+    other = ddpm_trainer()
+    other.ema_decay, other.t_power = 0.5, 2.0  # another recipe: refused, not mixed into the run
+    with pytest.raises(ValueError, match="ema_decay: 0.9 in the checkpoint, 0.5 now, t_power: 1.0 .*, 2.0 now"):
+        other.load(tmp_path)
 
 
 def classifier_trainer(global_seed: int, **config):
@@ -108,6 +112,10 @@ def test_resume_refuses_other_settings_and_a_torn_checkpoint(tmp_path):
     classifier_trainer(1).fit(tmp_path, stop=3, progress=False)
     with pytest.raises(ValueError, match="keep the checkpoint's settings.*lr: 0.01 in the checkpoint, 0.02 now"):
         classifier_trainer(1, lr=2e-2).load(tmp_path)
+    flipping = classifier_trainer(1)
+    flipping.flip = True  # a recipe setting beyond the config
+    with pytest.raises(ValueError, match="flip: False in the checkpoint, True now"):
+        flipping.load(tmp_path)
     longer = classifier_trainer(1, steps=9, checkpoint_every=1)  # adopt: the horizon comes from the checkpoint
     longer.load(tmp_path, adopt=("steps",))
     assert longer.config.steps == 6 and longer.config.checkpoint_every == 1

@@ -21,9 +21,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
+from torch import nn
+from torchvision.transforms import v2
 
 from ..attacks import ATTACK_METHODS, ATTACK_VIEWS, PRESETS, AttackSettings, parse_attacks
-from ..defended import DefendedModel
+from ..defended import DefendedModel, adapt_normalization, input_channels, resolve_normalization
 from .data import load_dataset
 from .harness import default_device, distributed, evaluate, summary_markdown
 from .loading import load_classifier, load_purifier, parse_normalize, parse_options
@@ -116,6 +118,22 @@ def _device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device) if args.device else default_device()
 
 
+def defended_model(args: argparse.Namespace) -> tuple[DefendedModel, tuple | None]:
+    """The defence the command line describes, and the (mean, std) its classifier normalises with.
+
+    A ``--normalize`` that resolves to a mean and std is applied inside the classifier
+    (``nn.Sequential(v2.Normalize(mean, std), classifier)``), so that a saliency purifier reads the classifier on
+    [0, 1] images, as defended (a saved one must have been saved with such a classifier)."""
+    classifier = load_classifier(args.classifier, args.classifier_weights, args.pretrained, args.num_classes)
+    normalization = adapt_normalization(resolve_normalization(classifier, parse_normalize(args.normalize)),
+                                        input_channels(classifier))
+    if normalization is not None:
+        classifier = nn.Sequential(v2.Normalize(*normalization), classifier)
+    purifier = load_purifier(args.purifier, args.purifier_class, parse_options(args.purifier_option),
+                             args.checkpoint, args.purifier_seed, classifier)
+    return DefendedModel(purifier, classifier, runs=args.runs, vote=args.vote, normalize=None), normalization
+
+
 def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
     settings = AttackSettings(eps=args.eps, step=args.step, steps=args.steps, apgd_steps=args.apgd_steps, eot=args.eot,
                               eps_l2=args.eps_l2,
@@ -125,14 +143,11 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
         attack.check_available()
     dataset = load_dataset(args.dataset, args.image_size)
     indices = select_indices(len(dataset), args.num_images, args.shuffle_seed)
-    classifier = load_classifier(args.classifier, args.classifier_weights, args.pretrained, args.num_classes)
-    purifier = load_purifier(args.purifier, args.purifier_class, parse_options(args.purifier_option),
-                             args.checkpoint, args.purifier_seed, classifier)
-    defended = DefendedModel(purifier, classifier, runs=args.runs, vote=args.vote,
-                             normalize=parse_normalize(args.normalize)).to(device)
+    defended, normalization = defended_model(args)
     config = {k: v for k, v in vars(args).items() if k not in _NOT_IN_CONFIG and not callable(v)}
-    return evaluate(defended, dataset, attacks, args.output, settings=settings, indices=indices, seed=args.seed,
-                    batch_size=args.batch_size, config=config, progress=args.progress)
+    config["classifier_normalization"] = normalization
+    return evaluate(defended.to(device), dataset, attacks, args.output, settings=settings, indices=indices,
+                    seed=args.seed, batch_size=args.batch_size, config=config, progress=args.progress)
 
 
 def dataset_name(spec: str) -> str:

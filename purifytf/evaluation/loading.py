@@ -47,23 +47,25 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
     """The purifier ``spec`` names (``None`` for ``"none"``); see the module doc.
 
     ``checkpoint`` switches on gradient checkpointing in every part that has it (also purifiers
-    wrapped by others); ``seed`` makes the purifier deterministic (``Purifier.seed``). ``classifier``: the
-    architecture of a saved saliency purifier's classifier (a saved directory or repo id; a copy receives the
-    saved weights, ``classifier`` itself is not changed); unused by other purifiers.
+    wrapped by others); ``seed`` makes the purifier deterministic (``Purifier.seed``). ``classifier``: what a
+    saliency purifier looks at: a named variant's saliency reads ``classifier`` itself (the defended classifier);
+    for a saved directory or repo id it is the architecture of the saved classifier (a copy receives the saved
+    weights, ``classifier`` itself is not changed); unused by other purifiers.
     """
     options = options or {}
     if spec == "none":
         if cls or options or checkpoint or seed is not None:
             raise ValueError("--purifier none takes no purifier class, options, checkpointing or seed")
         return None
-    from ..factory import create_purifier, list_purifiers
+    from ..factory import _takes_classifier, create_purifier, list_purifiers
     from ..factory import load_purifier as load_saved
 
     try:
         if _is_entry_point(spec):
             purifier = entry_point(spec)(**options)
         elif spec in list_purifiers():
-            purifier = create_purifier(spec, pretrained=True, **options)
+            shared = {"classifier": classifier} if _takes_classifier(spec) and classifier is not None else {}
+            purifier = create_purifier(spec, pretrained=True, **shared, **options)
         elif Path(spec).is_dir() or spec.count("/") == 1:
             shared = {} if classifier is None else {"classifier": copy.deepcopy(classifier),
                                                     "optional": ("classifier",)}

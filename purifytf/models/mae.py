@@ -16,10 +16,11 @@ An MAE-style ViT that predicts every patch from the other patches of the image:
 So every patch is predicted exactly once, from a pass where its own group was hidden (up to the
 noised copy in its slots, and the 3x3 head mixing the pixels next to patch borders).
 
-Images enter in [0, 1] and are mapped to [-1, 1] inside; any size works: the input is padded
-(replicate) to a multiple of ``2 * patch_size`` so that the grid splits into four equal
-interleaved groups, sin-cos position embeddings are computed for that grid, and the output is
-cropped back.
+Images enter in [0, 1] and are mapped to [-1, 1] inside; any size works: the input is zero-padded
+(:meth:`MaskedReconstructor.pad`) to a multiple of ``2 * patch_size`` so that the grid splits into four
+equal interleaved groups, sin-cos position embeddings are computed for that grid, and the output is
+cropped back. The padding is constant, never a copy of the image: a padded patch belongs to another
+group than the pixels next to it, so a copy would show a hidden group its own pixels.
 """
 
 from __future__ import annotations
@@ -174,6 +175,13 @@ class MaskedReconstructor(nn.Module):
         step = 2 * self.config.patch_size
         return 2 * math.ceil(height / step), 2 * math.ceil(width / step)
 
+    def pad(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> model space [-1, 1], zero-padded (image-space 0) at the bottom and
+        right to the grid of :meth:`grid`: (B, C, h*p, w*p)."""
+        h, w = self.grid(*x.shape[-2:])
+        p = self.config.patch_size
+        return F.pad(to_model_space(x), (0, w * p - x.shape[-1], 0, h * p - x.shape[-2]), value=-1.0)
+
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, h*p, w*p) -> (B, h*w, p*p*C)."""
         p = self.config.patch_size
@@ -259,8 +267,7 @@ class MaskedReconstructor(nn.Module):
         record_nfe()
         b, _, height, width = x.shape
         h, w = self.grid(height, width)
-        p = self.config.patch_size
-        x = F.pad(to_model_space(x), (0, w * p - width, 0, h * p - height), mode="replicate")
+        x = self.pad(x)
         if train:
             order = random_order(h, w, b, generator, x.device)
             steps = self.schedule.num_steps

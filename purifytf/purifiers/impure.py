@@ -5,11 +5,10 @@ import torch
 from torch import Tensor
 
 from ..base import Purifier
+from ..config import legacy_steps_to_fractions
 from ..models.mae import build_reconstructor
 
 __all__ = ["IMPurify"]
-
-_LEGACY_T = 1000
 
 
 class IMPurify(Purifier):
@@ -58,7 +57,7 @@ class IMPurify(Purifier):
     @classmethod
     def _upgrade_legacy(cls, config: dict) -> dict:
         """Configs saved before class names were recorded gave ``image_t``/``feature_t`` in steps of T = 1000."""
-        return {**config, **{k: config[k] / _LEGACY_T for k in ("image_t", "feature_t") if k in config}}
+        return legacy_steps_to_fractions(config, ("image_t", "feature_t"))
 
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         steps = self.network.schedule.num_steps

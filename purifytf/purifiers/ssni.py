@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..base import Purifier
+from ..config import legacy_steps_to_fractions
 from ..functional import to_model_space
 from ..inputs import check_images
 from .diffusion import DiffusionPurifier
@@ -234,7 +235,7 @@ class SSNIPurify(Purifier):
     @classmethod
     def _upgrade_legacy(cls, config: dict) -> dict:
         """Configs saved before class names were recorded gave ``bias`` in steps of T = 1000."""
-        return {**config, "bias": config["bias"] / 1000} if "bias" in config else config
+        return legacy_steps_to_fractions(config, ("bias",))
 
     def extra_repr(self) -> str:
         tau = f", tau={self.tau}" if self.reweight == "sigmoid" else ""

@@ -51,6 +51,9 @@ class ClassifierTrainer(Trainer):
         logits = self.network(augment(images, generator, self.shift, self.flip))
         return {"ce": F.cross_entropy(logits, labels)}
 
+    def recipe_settings(self) -> dict[str, object]:
+        return {"shift": self.shift, "flip": self.flip}
+
 
 def heldout_cache(steps: int = 1500, seed: int = 0) -> Path:
     """Where :func:`train_heldout_classifier` keeps its network (``~/.cache/purifytf/heldout/allconv-STEPS-SEED``)."""

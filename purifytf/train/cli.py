@@ -11,13 +11,15 @@ Stage 2 (fine-tuning on PGD examples against a classifier, perceptual loss on it
         --init runs/stage1 --classifier timm:resnet18 --classifier-weights clf.safetensors --num-classes 10
 
 ``--resume`` continues from the checkpoint in ``--out``. The output directory loads with
-``IMPurify.from_pretrained(out)``.
+``IMPurify.from_pretrained(out)``; its ``metrics.json`` records the seed, steps, seconds, threads, device and
+machine of every sitting (:mod:`purifytf.train.record`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from ..models.mae import MAE_PRESETS
 from ..purifiers.impure import IMPurify
 from .impure import FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
 from .loop import STATE_FILE
+from .record import device_name, fit_sitting, machine, read_sittings
 
 __all__ = ["add_arguments", "run"]
 
@@ -123,6 +126,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and (args.out / STATE_FILE).exists():
         trainer.load(args.out)
         print(f"resumed from {args.out} at step {trainer.step}")
-    trainer.fit(args.out, progress=not args.no_progress)
+    log = args.out / "sittings.json"
+    sittings = read_sittings(log, args.resume)
+    fit_sitting(trainer, args.out, config.steps, log, sittings, args.device, progress=not args.no_progress,
+                stage=config.stage)
+    metrics = {"seed": config.seed, "stage": config.stage, "steps": trainer.step,
+               "seconds": round(sum(s["seconds"] for s in sittings), 1), "device": device_name(args.device),
+               "machine": machine(), "sittings": sittings}
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"saved {args.out} (IMPurify.from_pretrained({str(args.out)!r}))")
     return 0

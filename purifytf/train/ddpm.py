@@ -84,6 +84,9 @@ class DDPMTrainer(Trainer):
     def extra_state(self) -> dict[str, object]:
         return {"network": self.network.state_dict()}
 
+    def recipe_settings(self) -> dict[str, object]:
+        return {"ema_decay": self.ema_decay, "max_t": self.max_t, "t_power": self.t_power}
+
     def load_extra_state(self, state: dict[str, object]) -> None:
         self.network.load_state_dict(state["network"])
 

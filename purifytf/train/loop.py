@@ -167,6 +167,10 @@ class Trainer:
         """Recipe state beyond the optimiser's that resuming needs (tensors and plain values)."""
         return {}
 
+    def recipe_settings(self) -> dict[str, object]:
+        """The recipe's settings beyond ``config`` (plain values) that a resumed run must keep."""
+        return {}
+
     def load_extra_state(self, state: dict[str, object]) -> None:
         """Restore :meth:`extra_state`."""
 
@@ -176,7 +180,8 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         self.save_model(directory)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "config": dataclasses.asdict(self.config), "rng": _global_rng(), "extra": self.extra_state(),
+                 "config": dataclasses.asdict(self.config), "recipe": self.recipe_settings(), "rng": _global_rng(),
+                 "extra": self.extra_state(),
                  "weights_digest": _digest(directory / "model.safetensors")}
         torch.save(state, directory / f"{STATE_FILE}.tmp")
         os.replace(directory / f"{STATE_FILE}.tmp", directory / STATE_FILE)
@@ -195,6 +200,7 @@ class Trainer:
             raise ValueError(f"{directory}: model.safetensors is not the one saved with step {state['step']} "
                              "(the run was stopped while saving), so the checkpoint cannot be resumed")
         self._adopt_config(state["config"], adopt, directory)
+        _check_same(state.get("recipe", self.recipe_settings()), self.recipe_settings(), (), directory)
         safetensors.torch.load_model(self.model, directory / "model.safetensors", strict=True, device=str(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -204,13 +210,17 @@ class Trainer:
 
     def _adopt_config(self, saved: dict, adopt: tuple[str, ...], directory: Path) -> None:
         """Check the current settings against the checkpoint's ``saved`` ones, then take those ``adopt`` names."""
-        differ = {k: (saved.get(k), v) for k, v in dataclasses.asdict(self.config).items()
-                  if k not in (*adopt, *_MAY_CHANGE_ON_RESUME) and _plain(saved.get(k)) != _plain(v)}
-        if differ:
-            listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items())
-            raise ValueError(f"{directory}: a resumed run must keep the checkpoint's settings ({listed})")
+        _check_same(saved, dataclasses.asdict(self.config), (*adopt, *_MAY_CHANGE_ON_RESUME), directory)
         for name in adopt:
             setattr(self.config, name, saved[name])
+
+
+def _check_same(saved: dict, current: dict, exempt: tuple[str, ...], directory: Path) -> None:
+    """A ``ValueError`` listing the settings of ``current`` (but ``exempt``) that differ from the checkpoint's."""
+    differ = {k: (saved.get(k), v) for k, v in current.items() if k not in exempt and _plain(saved.get(k)) != _plain(v)}
+    if differ:
+        listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items())
+        raise ValueError(f"{directory}: a resumed run must keep the checkpoint's settings ({listed})")
 
 
 def _plain(value):
