@@ -5,7 +5,8 @@
 
 Every entry takes ``pretrained``, ``weights`` (``"fashion-mnist"``: the embedded default shipped in the
 package; ``"ddpm-cifar10-32"``, ``"guided-diffusion-256-uncond"``: the papers' public backbones, the latter
-through ``backbone=`` until its sha256 is recorded: see ``purifytf.pretrained``) and the model's own arguments. Any named variant: ``purifytf.create_purifier(name)`` (``purifytf.list_purifiers()``).
+through ``backbone=`` until its sha256 is recorded: see ``purifytf.pretrained``) and the model's own arguments.
+Any named variant: ``purifytf.create_purifier(name)`` (``purifytf.list_purifiers()``).
 """
 
 from purifytf.pretrained import diff_purify, fashion_mnist_cnn, im_purify, saliency_diff_purify, ssni_purify

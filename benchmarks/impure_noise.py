@@ -23,12 +23,11 @@ import torch
 
 from purifytf import IMPurify
 from purifytf.classifiers import fashion_mnist_cnn
-from purifytf.data import ArrayData
+from purifytf.data import FASHION_MNIST_IDX, ArrayData, fashion_mnist
 from purifytf.evaluation import load_dataset
 from purifytf.evaluation.clean import purification_metrics
 from purifytf.hub import companion_file
 from purifytf.train.classifier import train_heldout_classifier
-from purifytf.train.data import FASHION_MNIST_IDX, fashion_mnist
 
 HERE = Path(__file__).parent
 SETTINGS = ("0.1/0.2", "0.05/0.1", "0.05/0.2", "0.1/0.1", "0.1/0.3", "0.15/0.2", "0/0.2")

@@ -52,13 +52,13 @@ from tqdm.auto import tqdm
 from purifytf import DefendedModel, create_purifier
 from purifytf.attacks import AttackSettings, parse_attacks
 from purifytf.classifiers import fashion_mnist_cnn
+from purifytf.data import FASHION_MNIST_IDX, fashion_mnist
 from purifytf.evaluation import default_device, distributed, evaluate, load_dataset, load_records
 from purifytf.evaluation.harness import RUN_FILE
 from purifytf.evaluation.stats import paired_comparison, wilson_interval
 from purifytf.nfe import count_nfe
 from purifytf.saliency import find_stages
 from purifytf.train.classifier import train_heldout_classifier
-from purifytf.train.data import FASHION_MNIST_IDX, fashion_mnist
 
 RESULTS = Path(__file__).parent / "results"
 HELDOUT_CLASSIFIER = RESULTS / "heldout-classifier"

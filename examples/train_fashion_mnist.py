@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from purifytf import DiffPurify, IMPurify, SSNIPurify
+from purifytf.data import ArrayData, fashion_mnist, read_idx, to_images
 from purifytf.diffusion.backbones import build_backbone
 from purifytf.evaluation.clean import accuracy, purification_metrics
 from purifytf.hub import ASSETS, backbone_config, load_backbone_dir
 from purifytf.models import SmallCNN
 from purifytf.train.classifier import ClassifierTrainer, heldout_cache, train_heldout_classifier
-from purifytf.train.data import ArrayData, fashion_mnist, read_idx, to_images
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
 from purifytf.train.impure import FeatureLoss, IMPureTrainer, TrainConfig
 from purifytf.train.loop import STATE_FILE, OptimConfig

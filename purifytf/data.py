@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-__all__ = ["ArrayData", "FASHION_MNIST_IDX", "ImageFolderData", "NO_LABEL", "fashion_mnist", "load_array", "open_data",
-           "read_idx", "to_8bit", "to_images", "torchvision_dataset"]
+__all__ = ["ArrayData", "FASHION_MNIST_IDX", "ImageFolderData", "NO_LABEL", "fashion_mnist", "is_grey", "load_array",
+           "open_data", "read_idx", "read_npz", "to_8bit", "to_images", "torchvision_dataset"]
 
 NO_LABEL = -1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -88,14 +88,26 @@ def fashion_mnist(root: str | Path = FASHION_MNIST_IDX, split: str = "train") ->
                      read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
 
 
+def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images (array ``images`` or ``x``, or the only array) and the labels (``labels`` or ``y``; ``None`` when
+    there are none) of an ``.npz`` file."""
+    with np.load(path) as archive:
+        keys = archive.files
+        image_key = next((k for k in ("images", "x") if k in keys), keys[0] if len(keys) == 1 else None)
+        if image_key is None:
+            raise ValueError(f"{path} must hold an array 'images' (or 'x') and may hold 'labels' (or 'y'); "
+                             f"it has {sorted(keys)}")
+        label_key = next((k for k in ("labels", "y") if k in keys), None)
+        return archive[image_key], None if label_key is None else archive[label_key]
+
+
 def load_array(path: str | Path) -> np.ndarray:
-    """An array from ``.npy``, ``.npz`` (its first array) or an IDX file."""
+    """An array from ``.npy``, ``.npz`` (its images: :func:`read_npz`) or an IDX file."""
     path = Path(path)
     if path.suffix == ".npy":
         return np.load(path)
     if path.suffix == ".npz":
-        with np.load(path) as archive:
-            return archive[archive.files[0]]
+        return read_npz(path)[0]
     return read_idx(path)
 
 
@@ -141,12 +153,16 @@ class ArrayData(Dataset):
 
     @classmethod
     def from_file(cls, path: str | Path, labels: str | Path | None = None) -> ArrayData:
-        """Load ``path``; ``*-images-idx3-*`` files pick up their ``*-labels-idx1-*`` sibling automatically."""
+        """Load ``path``; an ``.npz`` brings its own labels (:func:`read_npz`), ``*-images-idx3-*`` files their
+        ``*-labels-idx1-*`` sibling; ``labels`` (an array file) overrides both."""
         path = Path(path)
+        if labels is not None:
+            return cls(to_images(load_array(path)), load_array(labels))
+        if path.suffix == ".npz":
+            images, own = read_npz(path)
+            return cls(to_images(images), own)
         sibling = path.with_name(path.name.replace("images", "labels").replace("idx3", "idx1"))
-        if labels is None and sibling != path and sibling.exists():
-            labels = sibling
-        return cls(to_images(load_array(path)), None if labels is None else load_array(labels))
+        return cls(to_images(load_array(path)), load_array(sibling) if sibling != path and sibling.exists() else None)
 
 
 class ImageFolderData(Dataset):

@@ -7,9 +7,9 @@ import torch
 
 from purifytf import hub, pretrained
 from purifytf.__main__ import main
+from purifytf.data import ArrayData
 from purifytf.evaluation.clean import accuracy
 from purifytf.evaluation.data import load_dataset
-from purifytf.train.data import ArrayData
 from purifytf.train.ddpm import denoising_psnr
 
 PARTS = ("classifier", "ddpm", "impure", "ssni")

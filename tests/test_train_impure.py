@@ -11,9 +11,9 @@ import torch
 from test_impure import SMALL
 from torch import nn
 
+from purifytf.data import ImageFolderData, to_images
 from purifytf.purifiers.impure import IMPurify
 from purifytf.train import ArrayData, FeatureLoss, IMPureTrainer, TrainConfig, cli, open_data, patch_mix, pgd_attack
-from purifytf.train.data import ImageFolderData, to_images
 from purifytf.train.loop import lr_factor
 
 
@@ -123,6 +123,11 @@ def test_data_sources(tmp_path):
     image, label = open_data(str(tmp_path / "x.npy"), image_size=6)[0]
     assert image.shape == (3, 6, 6) and label == -1
     assert to_images(np.zeros((2, 3, 4, 4), np.uint8)).shape == (2, 3, 4, 4)
+    np.savez(tmp_path / "yx.npz", y=np.array([2, 0, 1]), x=images)  # named arrays, in any order: labels kept
+    image, label = open_data(str(tmp_path / "yx.npz"))[2]
+    assert image.shape == (1, 5, 6) and label == 1
+    np.savez(tmp_path / "only.npz", images)
+    assert open_data(str(tmp_path / "only.npz"))[0][1] == -1
 
     for name, mode in [("cat/a.png", "RGBA"), ("dog/b.png", "RGB"), ("c.png", "RGB")]:
         (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)

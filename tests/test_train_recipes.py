@@ -10,13 +10,13 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from purifytf.data import fashion_mnist
 from purifytf.diffusion import OracleBackbone
 from purifytf.diffusion.backbones import build_backbone
 from purifytf.evaluation.clean import accuracy
 from purifytf.models import SmallCNN
 from purifytf.train import ArrayData
 from purifytf.train.classifier import ClassifierTrainer, augment, train_heldout_classifier
-from purifytf.train.data import fashion_mnist
 from purifytf.train.ddpm import DDPMTrainer, _noised, denoising_psnr
 from purifytf.train.loop import OptimConfig
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from torch.utils.data import Dataset
 
-from ..data import ArrayData, ImageFolderData, read_idx, to_images, torchvision_dataset
+from ..data import ArrayData, ImageFolderData, read_idx, read_npz, to_images, torchvision_dataset
 
 __all__ = ["BUNDLED", "load_dataset"]
 
@@ -38,13 +37,10 @@ BUNDLED: dict[str, Callable[[], Dataset]] = {"fashion-mnist": _fashion_mnist_sli
 
 
 def _load_npz(path: str) -> ArrayData:
-    with np.load(path) as arrays:
-        keys = set(arrays.files)
-        image_key = next((k for k in ("images", "x") if k in keys), None)
-        label_key = next((k for k in ("labels", "y") if k in keys), None)
-        if image_key is None or label_key is None:
-            raise ValueError(f"{path} must hold arrays 'images' (or 'x') and 'labels' (or 'y'), has {sorted(keys)}")
-        return ArrayData(to_images(arrays[image_key]), arrays[label_key])
+    images, labels = read_npz(path)
+    if labels is None:
+        raise ValueError(f"{path} holds no labels: evaluation needs an array 'labels' (or 'y') beside the images")
+    return ArrayData(to_images(images), labels)
 
 
 def _load_idx(argument: str) -> ArrayData:

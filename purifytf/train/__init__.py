@@ -8,7 +8,7 @@
     trainer.fit("runs/stage1")
 """
 
-from .data import ArrayData, ImageFolderData, open_data
+from ..data import ArrayData, ImageFolderData, open_data
 from .impure import FeatureLoss, IMPureTrainer, TrainConfig, patch_mix, pgd_attack, vgg19_bn_feature_loss
 
 __all__ = [

@@ -29,9 +29,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..attacks import pgd_eot
+from ..data import NO_LABEL
 from ..purifiers.impure import IMPurify
 from ..random import rand_like
-from .data import NO_LABEL
 from .loop import OptimConfig, Trainer
 
 __all__ = [
