@@ -182,8 +182,6 @@ class Purifier(
         return needs
 
     def transform(self, inpt, params):
-        if isinstance(inpt, (PIL.Image.Image, np.ndarray)):
-            check_images(inpt, None, 0)  # raises the PIL or NumPy message
         if isinstance(inpt, tv_tensors.TVTensor):
             return tv_tensors.wrap(self.purify(inpt.as_subclass(Tensor)), like=inpt)
         return self.purify(inpt)

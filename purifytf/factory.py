@@ -37,7 +37,8 @@ from .purifiers.impure import IMPurify
 from .purifiers.saliency_diffpure import SaliencyDiffPurify
 from .purifiers.ssni import SSNIPurify
 
-__all__ = ["BACKBONES", "DEFENCES", "create_purifier", "default_defences", "list_purifiers", "load_purifier"]
+__all__ = ["BACKBONES", "DEFENCES", "create_purifier", "default_defences", "list_purifiers", "load_purifier",
+           "takes_classifier"]
 
 BACKBONES: dict[str, str] = {
     "fashion_mnist": "fashion-mnist",
@@ -227,7 +228,8 @@ DEFENCES: tuple[str, ...] = ("no defence", "DiffPurify (t*=0.1, 10 steps)", "Sal
 """The demo's defences (names of :func:`defence_table` at ``diffpure_steps=10``)."""
 
 
-def _takes_classifier(variant: str | None) -> bool:
+def takes_classifier(variant: str | None) -> bool:
+    """Whether the variant ``METHOD.WEIGHTS`` looks at a classifier (saliency methods: ``classifier=``)."""
     return variant is not None and variant.split(".")[0] in ("saliency_diffpure", "ssni_saliency_diffpure")
 
 
@@ -256,7 +258,7 @@ def default_defences(names: Iterable[str] | None = None, *, classifier: nn.Modul
             built[name] = None
             continue
         extra = dict(overrides) if variant.split(".")[0] in _DIFFUSION else {}
-        if _takes_classifier(variant) and classifier is not None:
+        if takes_classifier(variant) and classifier is not None:
             extra["classifier"] = classifier
         built[name] = create_purifier(variant, pretrained=pretrained, **settings, **extra)
     return built

@@ -11,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torchvision.transforms import v2
 
 from purifytf import DefendedModel, DiffPurify, create_purifier
 from purifytf.attacks import AttackSettings, parse_attacks
@@ -240,6 +241,9 @@ def test_a_saved_saliency_purifier_gets_a_copy_of_the_classifier_architecture(tm
     loaded = load_purifier(str(tmp_path / "sdp"), classifier=untrained)
     torch.testing.assert_close(loaded.state_dict(), saved.state_dict())
     torch.testing.assert_close(untrained.state_dict(), before)
+    normalising = nn.Sequential(v2.Normalize([0.5], [0.25]), untrained)  # what `eval --normalize 0.5:0.25` gives
+    with pytest.raises(ValueError, match="does not have the architecture given.*--normalize none"):
+        load_purifier(str(tmp_path / "sdp"), classifier=normalising)
     create_purifier("diffpure.fashion_mnist", pretrained=True).save_pretrained(tmp_path / "dp")
     assert isinstance(load_purifier(str(tmp_path / "dp"), classifier=untrained), DiffPurify)
 

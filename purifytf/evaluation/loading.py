@@ -57,19 +57,27 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
         if cls or options or checkpoint or seed is not None:
             raise ValueError("--purifier none takes no purifier class, options, checkpointing or seed")
         return None
-    from ..factory import _takes_classifier, create_purifier, list_purifiers
+    from ..factory import create_purifier, list_purifiers, takes_classifier
     from ..factory import load_purifier as load_saved
 
     try:
         if _is_entry_point(spec):
             purifier = entry_point(spec)(**options)
         elif spec in list_purifiers():
-            shared = {"classifier": classifier} if _takes_classifier(spec) and classifier is not None else {}
+            shared = {"classifier": classifier} if takes_classifier(spec) and classifier is not None else {}
             purifier = create_purifier(spec, pretrained=True, **shared, **options)
         elif Path(spec).is_dir() or spec.count("/") == 1:
             shared = {} if classifier is None else {"classifier": copy.deepcopy(classifier),
                                                     "optional": ("classifier",)}
-            purifier = load_saved(spec, **shared, **options)  # config.json names the class
+            try:
+                purifier = load_saved(spec, **shared, **options)  # config.json names the class
+            except RuntimeError as error:  # a strict load: the classifier's keys differ
+                if classifier is None:
+                    raise
+                raise ValueError(
+                    f"{spec}: the saved classifier does not have the architecture given ({str(error).splitlines()[0]} "
+                    "...): `purifytf eval` gives nn.Sequential(v2.Normalize(mean, std), classifier) when --normalize "
+                    "resolves to a mean and std, the bare classifier with --normalize none") from error
         else:
             raise ValueError(f"unknown purifier {spec!r}: give 'none', a saved directory, a Hub repo id, "
                              f"module:function or one of {list_purifiers()}")
