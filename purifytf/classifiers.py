@@ -63,7 +63,8 @@ def _load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def load_classifier(spec: str, weights: str | Path | None = None, pretrained: bool = False,
-                    num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+                    num_classes: int | None = None, in_channels: int | None = None,
+                    architecture_only: bool = False) -> nn.Module:
     """The classifier ``spec`` names (see the module doc), in eval mode.
 
     Args:
@@ -71,6 +72,8 @@ def load_classifier(spec: str, weights: str | Path | None = None, pretrained: bo
         weights: state dict file (safetensors or ``torch.save``) loaded strictly after construction.
         pretrained: timm's own pretrained weights (needs a download or timm's cache; timm names only).
         num_classes, in_channels: architecture of a timm or torchvision model (its defaults otherwise).
+        architecture_only: a timm or torchvision model without weights is wanted (randomly initialised: the caller
+            loads its weights, e.g. a saved saliency purifier's classifier); otherwise that is an error.
     """
     source, sep, name = spec.partition(":")
     if not sep:
@@ -85,13 +88,13 @@ def load_classifier(spec: str, weights: str | Path | None = None, pretrained: bo
         if not timm.is_model(name):
             raise ValueError(f"unknown classifier {spec!r}: neither a timm model name nor timm:/torchvision:/"
                              f"purifytf:NAME or a module:function entry")
-        if weights is None and not pretrained:
+        if weights is None and not pretrained and not architecture_only:
             raise ValueError(f"classifier {spec!r} would have random weights: give its weights file or pretrained")
         model = timm.create_model(name, pretrained=pretrained and weights is None, **architecture)
     elif source == "torchvision":
         from torchvision.models import get_model
 
-        if weights is None:
+        if weights is None and not architecture_only:
             raise ValueError(f"classifier {spec!r} would have random weights: give its weights file")
         if in_channels is not None:
             raise ValueError(f"torchvision classifiers take 3 channels; in_channels={in_channels} for {spec!r}")

@@ -141,7 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a name of `purifytf.factory.list_purifiers()` (pretrained weights; *.fashion_mnist are "
                              f"embedded), a saved directory or a Hub repo id (default {DEFAULT_PURIFIER})")
     parser.add_argument("--classifier", help="a saved saliency purifier's classifier architecture, e.g. "
-                        "purifytf:fashion_mnist_cnn (its weights come from the saved folder)")
+                        "purifytf:fashion_mnist_cnn or timm:resnet18 (its weights come from the saved folder)")
+    parser.add_argument("--num-classes", type=int, help="classes of a timm or torchvision --classifier")
+    parser.add_argument("--in-channels", type=int, help="input channels of a timm --classifier (1: grey)")
     parser.add_argument("--seed", type=int, help="deterministic purification with this seed")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         pairs = _pairs(args)
         if args.purifier == "none":
             raise ValueError("--purifier none purifies nothing: give a purifier")
-        classifier = load_classifier(args.classifier) if args.classifier else None
+        classifier = None if args.classifier is None else load_classifier(
+            args.classifier, num_classes=args.num_classes, in_channels=args.in_channels, architecture_only=True)
         purifier = load_purifier(args.purifier, seed=args.seed, classifier=classifier).to(device)
         count = purify_files(purifier, pairs, args.batch_size, device, args.progress)
     except (ValueError, FileNotFoundError) as error:

@@ -141,6 +141,22 @@ def test_a_saved_saliency_purifier_takes_its_classifier_architecture(tmp_path, i
     np.testing.assert_array_equal(_pixels(tmp_path / "named" / "a.png")[2], expected[2])  # the same purifier
 
 
+def test_a_saved_saliency_purifier_with_a_timm_classifier(tmp_path, images):
+    """A timm architecture needs no weights of its own here: the saved folder holds them."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=10, in_chans=1).eval()
+    saved = create_purifier("saliency_diffpure.fashion_mnist", pretrained=True, classifier=net, seed=0)
+    saved.save_pretrained(tmp_path / "sdp")
+    assert main(["purify", str(images[0]), "--out", str(tmp_path / "o"), "--purifier", str(tmp_path / "sdp"),
+                 "--classifier", "timm:test_resnet", "--num-classes", "10", "--in-channels", "1", "--seed", "0",
+                 "--no-progress"]) == 0
+    with torch.no_grad():
+        expected = saved(read_image(images[0], 1)[None])[0, 0]
+    np.testing.assert_array_equal(_pixels(tmp_path / "o" / "a.png")[2], (expected * 255).round().byte().numpy())
+
+
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     """PIL's convert("L") clips 16-bit grey at 255 (a mid-grey becomes white); it is scaled instead."""
     ramp = np.linspace(0, 65535, 20 * 24).reshape(24, 20).astype(np.uint16)
