@@ -41,6 +41,11 @@ def _is_score_sde_checkpoint(obj: Any) -> bool:
             and isinstance(obj["ema"].get("shadow_params"), list))
 
 
+_WEIGHTS_ONLY_REFUSALS = ("unsupported global", "unsupported class", "trying to call reduce",
+                          "can only create new object")
+"""Phrases of torch's weights_only unpickler refusing to build or call something (as opposed to unreadable bytes)."""
+
+
 def _has_safetensors_header(path: Path) -> bool:
     """Whether ``path`` starts like a safetensors file: a little-endian u64 header length, then a JSON object."""
     with open(path, "rb") as file:
@@ -68,7 +73,7 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            if "unsupported global" not in str(err).lower():  # what weights_only refuses to build
+            if not any(refusal in str(err).lower() for refusal in _WEIGHTS_ONLY_REFUSALS):
                 raise ValueError(f"{path}: not a torch checkpoint (corrupt, truncated, or another kind of file, "
                                  f"e.g. an error page saved by a download?): {err}") from err
             raise ValueError(f"{path}: refused to load: the pickle holds more than tensors and plain containers "

@@ -89,10 +89,12 @@ def fashion_mnist(root: str | Path = FASHION_MNIST_IDX, split: str = "train") ->
 
 
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """The images (array ``images`` or ``x``, or the only array) and the labels (``labels`` or ``y``; ``None`` when
-    there are none) of an ``.npz`` file."""
+    """The images (array ``images`` or ``x``, or the only or first positional array ``arr_0``) and the labels
+    (``labels`` or ``y``, or the second positional array ``arr_1``; ``None`` when there are none) of an ``.npz``."""
     with np.load(path) as archive:
         keys = archive.files
+        if sorted(keys) == ["arr_0", "arr_1"]:  # np.savez(file, images, labels)
+            return archive["arr_0"], archive["arr_1"]
         image_key = next((k for k in ("images", "x") if k in keys), keys[0] if len(keys) == 1 else None)
         if image_key is None:
             raise ValueError(f"{path} must hold an array 'images' (or 'x') and may hold 'labels' (or 'y'); "
@@ -115,10 +117,12 @@ def to_images(array: np.ndarray | Tensor) -> Tensor:
     """(N, H, W), (N, H, W, C) with C in {1, 3} or (N, C, H, W) -> float (N, C, H, W) in [0, 1].
 
     ``uint16`` arrays are scaled by 1/65535, other integer arrays (values in [0, 255]) by 1/255; float arrays
-    must already lie in [0, 1]. Values outside these ranges raise a ``ValueError`` (never a silent rescale).
+    must already lie in [0, 1]; boolean arrays are 0 and 1. Values outside these ranges raise a ``ValueError``
+    (never a silent rescale).
     """
     array = np.asarray(array)
-    top = 1.0 if np.issubdtype(array.dtype, np.floating) else 65535 if array.dtype == np.uint16 else 255
+    top = 1.0 if array.dtype == bool or np.issubdtype(array.dtype, np.floating) else (
+        65535 if array.dtype == np.uint16 else 255)
     if top == 1 and not np.isfinite(array).all():
         raise ValueError("float images hold NaN or infinite values")
     if array.size and (array.min() < 0 or array.max() > top):

@@ -320,16 +320,17 @@ def companion_file(weights: str | Weights, name: str) -> Path:
     return bundled_file(w.companions[name])
 
 
-def backbone_config(weights: str | Weights) -> dict[str, Any]:
+def backbone_config(weights: str | Weights, **download: Any) -> dict[str, Any]:
     """The backbone config of ``weights``: the registered one, else the ``config.json`` beside bundled weights or in
-    a Hub repo that ``Backbone.save_pretrained`` / ``push_to_hub`` wrote (``purifytf`` format)."""
+    a Hub repo that ``Backbone.save_pretrained`` / ``push_to_hub`` wrote (``purifytf`` format; ``download``:
+    ``cache_dir`` and ``local_files_only``, as for :func:`weights_file`)."""
     w = get_weights(weights)
     if w.config is not None:
         return w.config
     if w.bundled is not None:
         return read_config(bundled_file(w.bundled).parent)
     if w.repo_id is not None and w.format == "purifytf":
-        return read_config(w.repo_id, revision=w.revision)
+        return read_config(w.repo_id, revision=w.revision, **download)
     raise ValueError(f"weights {w.name!r} record no backbone config")
 
 
@@ -372,7 +373,8 @@ def load_backbone(
     if path is None:
         path = weights_file(w, cache_dir=cache_dir, local_files_only=local_files_only, check_hash=check_hash)
     state = convert_state_dict(w.format, load_state_dict_file(path))
-    return _load_strict(backbone_config(w), state, f"{path} (weights {w.name!r}, {w.format} layout)", map_location)
+    config = backbone_config(w, cache_dir=cache_dir, local_files_only=_offline(local_files_only))
+    return _load_strict(config, state, f"{path} (weights {w.name!r}, {w.format} layout)", map_location)
 
 
 def load_backbone_dir(directory: str | Path, map_location: str | torch.device = "cpu") -> Backbone:

@@ -27,10 +27,13 @@ import numpy as np
 import PIL.Image
 import torch
 from torch import Tensor, nn
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .data import to_8bit
-from .evaluation.loading import load_classifier, load_purifier
+from .defended import adapt_normalization, input_channels, resolve_normalization
+from .evaluation.loading import load_classifier, load_purifier, parse_normalize
+from .factory import list_purifiers
 
 __all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "purify_files",
            "read_image", "run"]
@@ -47,8 +50,10 @@ def collect_images(inputs: list[Path], out: Path, overwrite: bool = False) -> li
     pairs = []
     for item in inputs:
         if item.is_dir():
+            target, source = out.resolve(), item.resolve()
+            inside = target != source and target.is_relative_to(source)  # earlier outputs in a sub-folder
             found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.resolve().is_relative_to(out.resolve()))
+                           and not (inside and p.resolve().is_relative_to(target)))
             if not found:
                 raise ValueError(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
             pairs += [(p, out / p.relative_to(item)) for p in found]
@@ -144,6 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "purifytf:fashion_mnist_cnn or timm:resnet18 (its weights come from the saved folder)")
     parser.add_argument("--num-classes", type=int, help="classes of a timm or torchvision --classifier")
     parser.add_argument("--in-channels", type=int, help="input channels of a timm --classifier (1: grey)")
+    parser.add_argument("--normalize", default="none", help="as in `purifytf eval`: the saved classifier is then "
+                        "nn.Sequential(v2.Normalize(mean, std), --classifier) (default none: the bare --classifier)")
     parser.add_argument("--seed", type=int, help="deterministic purification with this seed")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -164,6 +171,20 @@ def _pairs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     raise ValueError("give the output: --out FOLDER, or exactly two files IN OUT")
 
 
+def _saved_classifier(args: argparse.Namespace) -> nn.Module | None:
+    """The architecture of a saved saliency purifier's classifier (random weights: the saved folder holds them)."""
+    if args.classifier is None:
+        return None
+    if args.purifier in list_purifiers() or ":" in args.purifier:
+        raise ValueError(f"--classifier gives a saved purifier's classifier architecture (its weights come from the "
+                         f"saved folder); {args.purifier!r} is not a saved purifier")
+    classifier = load_classifier(args.classifier, num_classes=args.num_classes, in_channels=args.in_channels,
+                                 architecture_only=True)
+    normalization = adapt_normalization(resolve_normalization(classifier, parse_normalize(args.normalize)),
+                                        input_channels(classifier))
+    return classifier if normalization is None else nn.Sequential(v2.Normalize(*normalization), classifier)
+
+
 def run(args: argparse.Namespace) -> int:
     """Purify the files; prints where they went. Returns the exit status (2: bad arguments or inputs)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -171,9 +192,7 @@ def run(args: argparse.Namespace) -> int:
         pairs = _pairs(args)
         if args.purifier == "none":
             raise ValueError("--purifier none purifies nothing: give a purifier")
-        classifier = None if args.classifier is None else load_classifier(
-            args.classifier, num_classes=args.num_classes, in_channels=args.in_channels, architecture_only=True)
-        purifier = load_purifier(args.purifier, seed=args.seed, classifier=classifier).to(device)
+        purifier = load_purifier(args.purifier, seed=args.seed, classifier=_saved_classifier(args)).to(device)
         count = purify_files(purifier, pairs, args.batch_size, device, args.progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"purifytf purify: error: {error}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,11 @@ def test_a_saved_saliency_purifier_gets_a_copy_of_the_classifier_architecture(tm
     with pytest.raises(ValueError, match="does not have the architecture given.*--normalize none"):
         load_purifier(str(tmp_path / "sdp"), classifier=normalising)
     create_purifier("diffpure.fashion_mnist", pretrained=True).save_pretrained(tmp_path / "dp")
+    broken = create_purifier("diffpure.fashion_mnist", pretrained=True)
+    broken.backbone.register_buffer("extra", torch.zeros(1))  # a damaged save: not the classifier's fault
+    broken.save_pretrained(tmp_path / "broken")
+    with pytest.raises(RuntimeError, match="extra"):
+        load_purifier(str(tmp_path / "broken"), classifier=untrained)
     assert isinstance(load_purifier(str(tmp_path / "dp"), classifier=untrained), DiffPurify)
 
 
@@ -349,18 +356,34 @@ def test_model_info_threat_model_and_eps():
 
 @pytest.mark.parametrize("normalize", ["none", "0.5:0.25"])
 def test_a_named_saliency_purifier_looks_at_the_defended_classifier(normalize):
-    """``--classifier`` reaches a named saliency variant (not the bundled classifier), and ``--normalize`` is applied
-    inside that classifier, so the saliency reads it on [0, 1] images as the defended model does."""
+    """``--classifier`` reaches a named saliency variant (not the bundled classifier); with ``--normalize`` the
+    saliency reads that network behind the normalisation, on [0, 1] images, as the defended model does."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--purifier", "saliency_diffpure.fashion_mnist", "--classifier",
                               "purifytf:fashion_mnist_cnn", "--normalize", normalize, "--dataset", "bundled:x",
                               "--output", "out"])
-    defended, normalization = defended_model(args)
-    assert defended.normalization is None and defended.purifier.classifier is defended.classifier
+    defended = defended_model(args, channels=1)
+    reader = defended.purifier.classifier
     x = torch.rand(2, 1, 28, 28)
     if normalize == "none":
-        assert normalization is None and not isinstance(defended.classifier, nn.Sequential)
+        assert defended.normalization is None and reader is defended.classifier
     else:
-        assert normalization == ((0.5,), (0.25,))
-        torch.testing.assert_close(defended.classifier(x), defended.classifier[1]((x - 0.5) / 0.25))
+        assert defended.normalization == ((0.5,), (0.25,))
+        assert isinstance(reader, nn.Sequential) and reader[1] is defended.classifier
+        torch.testing.assert_close(reader(x), defended.classifier(defended.normalize(x)))
+
+
+def test_three_value_statistics_fit_a_grey_classifier_without_convolutions(monkeypatch):
+    """The data's channel count decides when the classifier names none (ImageNet's stats -> their means)."""
+    module = types.ModuleType("toy_linear")
+    module.classifier = lambda: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    monkeypatch.setitem(sys.modules, "toy_linear", module)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--purifier", "none", "--classifier", "toy_linear:classifier",
+                              "--normalize", "0.485,0.456,0.406:0.229,0.224,0.225", "--dataset", "bundled:x",
+                              "--output", "out"])
+    defended = defended_model(args, channels=1)
+    assert defended.normalization == ((0.449,), (0.226,))
+    assert defended(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -147,6 +147,11 @@ def test_a_saved_backbone_on_the_hub_registers_by_repo_id_alone(offline_cache, t
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 600])
     with torch.no_grad():
         torch.testing.assert_close(hub.load_backbone("saved-ddpm")(x, t), backbone(x, t))
+    mine = tmp_path / "my-cache"  # another cache, named by the caller: both files come from it
+    mine.mkdir()
+    (offline_cache / "models--purifytf-test--saved").rename(mine / "models--purifytf-test--saved")
+    with torch.no_grad():
+        torch.testing.assert_close(hub.load_backbone("saved-ddpm", cache_dir=mine)(x, t), backbone(x, t))
 
 
 def test_hub_weights_are_checked_against_a_recorded_sha256(tiny_hf_weights):

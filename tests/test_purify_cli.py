@@ -60,6 +60,8 @@ def test_never_overwrites_its_inputs(tmp_path, images, capsys):
     before = [p.read_bytes() for p in images]
     assert main(["purify", str(images[0]), "--out", str(images[0].parent), "--no-progress"]) == 2
     assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert main(["purify", str(images[0].parent), "--out", str(images[0].parent), "--no-progress"]) == 2
+    assert "refusing to overwrite the input" in capsys.readouterr().err  # a folder into itself
     for second in images:  # IN OUT with an existing OUT: maybe two inputs and a forgotten --out
         assert main(["purify", str(images[0]), str(second), "--no-progress"]) == 2
         assert "exists: to purify both files give --out FOLDER" in capsys.readouterr().err
@@ -139,6 +141,28 @@ def test_a_saved_saliency_purifier_takes_its_classifier_architecture(tmp_path, i
     expected = _pixels(tmp_path / "o" / "a.png")
     assert main(["purify", str(images[0]), "--out", str(tmp_path / "named"), "--seed", "0", "--no-progress"]) == 0
     np.testing.assert_array_equal(_pixels(tmp_path / "named" / "a.png")[2], expected[2])  # the same purifier
+    capsys.readouterr()
+    assert main(["purify", str(images[0]), "--out", str(tmp_path / "n2"), "--classifier", "timm:test_resnet",
+                 "--no-progress"]) == 2  # a named variant would look at a randomly initialised network
+    assert "is not a saved purifier" in capsys.readouterr().err
+
+
+def test_a_saved_saliency_purifier_whose_classifier_normalises(tmp_path, images):
+    from torch import nn
+    from torchvision.transforms import v2
+
+    from purifytf.classifiers import fashion_mnist_cnn
+
+    reader = nn.Sequential(v2.Normalize([0.5], [0.25]), fashion_mnist_cnn(pretrained=True))
+    saved = create_purifier("saliency_diffpure.fashion_mnist", pretrained=True, classifier=reader, seed=0)
+    saved.save_pretrained(tmp_path / "sdp")
+    args = ["purify", str(images[0]), "--out", str(tmp_path / "o"), "--purifier", str(tmp_path / "sdp"),
+            "--classifier", "purifytf:fashion_mnist_cnn", "--seed", "0", "--no-progress"]
+    assert main(args) == 2  # the bare architecture does not match what was saved
+    assert main([*args, "--normalize", "0.5:0.25"]) == 0
+    with torch.no_grad():
+        expected = saved(read_image(images[0], 1)[None])[0, 0]
+    np.testing.assert_array_equal(_pixels(tmp_path / "o" / "a.png")[2], (expected * 255).round().byte().numpy())
 
 
 def test_a_saved_saliency_purifier_with_a_timm_classifier(tmp_path, images):

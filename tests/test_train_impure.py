@@ -128,6 +128,9 @@ def test_data_sources(tmp_path):
     assert image.shape == (1, 5, 6) and label == 1
     np.savez(tmp_path / "only.npz", images)
     assert open_data(str(tmp_path / "only.npz"))[0][1] == -1
+    np.savez(tmp_path / "positional.npz", images, np.array([2, 0, 1]))  # np.savez(file, images, labels)
+    assert open_data(str(tmp_path / "positional.npz"))[2][1] == 1
+    assert to_images(np.ones((1, 2, 2), bool)).max() == 1
 
     for name, mode in [("cat/a.png", "RGBA"), ("dog/b.png", "RGB"), ("c.png", "RGB")]:
         (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)

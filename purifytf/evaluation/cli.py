@@ -118,20 +118,20 @@ def _device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device) if args.device else default_device()
 
 
-def defended_model(args: argparse.Namespace) -> tuple[DefendedModel, tuple | None]:
-    """The defence the command line describes, and the (mean, std) its classifier normalises with.
+def defended_model(args: argparse.Namespace, channels: int | None = None) -> DefendedModel:
+    """The defence the command line describes (``channels``: the data's, for a classifier that does not say).
 
-    A ``--normalize`` that resolves to a mean and std is applied inside the classifier
-    (``nn.Sequential(v2.Normalize(mean, std), classifier)``), so that a saliency purifier reads the classifier on
-    [0, 1] images, as defended (a saved one must have been saved with such a classifier)."""
+    A saliency purifier reads the classifier on [0, 1] images: with a ``--normalize`` that resolves to a mean and
+    std it gets ``nn.Sequential(v2.Normalize(mean, std), classifier)`` (the same network), while the defended model
+    normalises before the classifier itself; a saved saliency purifier must have been saved with such a classifier.
+    """
     classifier = load_classifier(args.classifier, args.classifier_weights, args.pretrained, args.num_classes)
     normalization = adapt_normalization(resolve_normalization(classifier, parse_normalize(args.normalize)),
-                                        input_channels(classifier))
-    if normalization is not None:
-        classifier = nn.Sequential(v2.Normalize(*normalization), classifier)
+                                        input_channels(classifier) or channels)
+    reader = classifier if normalization is None else nn.Sequential(v2.Normalize(*normalization), classifier)
     purifier = load_purifier(args.purifier, args.purifier_class, parse_options(args.purifier_option),
-                             args.checkpoint, args.purifier_seed, classifier)
-    return DefendedModel(purifier, classifier, runs=args.runs, vote=args.vote, normalize=None), normalization
+                             args.checkpoint, args.purifier_seed, reader)
+    return DefendedModel(purifier, classifier, runs=args.runs, vote=args.vote, normalize=normalization)
 
 
 def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
@@ -143,9 +143,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> dict | None:
         attack.check_available()
     dataset = load_dataset(args.dataset, args.image_size)
     indices = select_indices(len(dataset), args.num_images, args.shuffle_seed)
-    defended, normalization = defended_model(args)
+    defended = defended_model(args, dataset[0][0].shape[0])
     config = {k: v for k, v in vars(args).items() if k not in _NOT_IN_CONFIG and not callable(v)}
-    config["classifier_normalization"] = normalization
     return evaluate(defended.to(device), dataset, attacks, args.output, settings=settings, indices=indices,
                     seed=args.seed, batch_size=args.batch_size, config=config, progress=args.progress)
 

@@ -66,13 +66,13 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
         elif spec in list_purifiers():
             shared = {"classifier": classifier} if takes_classifier(spec) and classifier is not None else {}
             purifier = create_purifier(spec, pretrained=True, **shared, **options)
-        elif Path(spec).is_dir() or spec.count("/") == 1:
+        elif Path(spec).expanduser().is_dir() or spec.count("/") == 1:
             shared = {} if classifier is None else {"classifier": copy.deepcopy(classifier),
                                                     "optional": ("classifier",)}
             try:
                 purifier = load_saved(spec, **shared, **options)  # config.json names the class
             except RuntimeError as error:  # a strict load: the classifier's keys differ
-                if classifier is None:
+                if classifier is None or '"classifier.' not in str(error):
                     raise
                 raise ValueError(
                     f"{spec}: the saved classifier does not have the architecture given ({str(error).splitlines()[0]} "

@@ -2,7 +2,7 @@
 
 A sitting is ``{labels..., "steps": [start, stop], "seconds", "threads", "device"}``; a run keeps its sittings in a
 JSON list beside its checkpoint (``sittings.json``) so that a resumed run adds to them, and its ``metrics.json``
-sums them.
+sums them. A sitting is logged when it ends: one killed on the way keeps its checkpointed steps, not its record.
 """
 
 from __future__ import annotations
