@@ -210,7 +210,8 @@ def _resolved(purifier: nn.Module | None) -> str | None:
 
 def weights_digest(module: nn.Module) -> str:
     """A short sha256 of ``module``'s parameters and buffers (names, dtypes, shapes, values): recorded with every
-    run, so that records made with another network (e.g. a held-out classifier retrained elsewhere) are refused."""
+    run for its classifier and its purifier, so that records made with other networks (a held-out classifier
+    retrained elsewhere, a retrained backbone or IMPurify network) are refused."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -262,7 +263,8 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         defended = DefendedModel(purifier, classifier, runs=budget.runs, normalize=None)
         config = {"row": row.name, "variant": row.variant, "row_settings": {**row.settings, **overrides},
                   "purifier": _resolved(purifier), "view": row.view, "classifier": classifier_name,
-                  "classifier_weights": weights_digest(classifier)}
+                  "classifier_weights": weights_digest(classifier),
+                  "purifier_weights": None if purifier is None else weights_digest(purifier)}
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
                  batch_size=budget.batch_size, config=config, progress=progress, run_missing=attack)
         found = load_records(folder)

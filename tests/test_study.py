@@ -191,8 +191,9 @@ def test_committed_records_were_run_with_the_shipped_settings(classifier):
     run with the purifier the row builds today: a changed shipped default (weights' config) shows here, not as a
     refused rerun."""
     rows = {row.name: row for row in study.ROWS}
-    digests = {"cnn": study.weights_digest(classifier),
-               "heldout": study.weights_digest(AllConvNet.from_pretrained(study.HELDOUT_CLASSIFIER))}
+    classifiers = {"cnn": classifier, "heldout": AllConvNet.from_pretrained(study.HELDOUT_CLASSIFIER)}
+    digests = {name: study.weights_digest(network) for name, network in classifiers.items()}
+    purifier_digests = {}
     runs = sorted((study.RESULTS / "study").rglob("run.json"))
     assert runs
     for path in runs:
@@ -205,6 +206,28 @@ def test_committed_records_were_run_with_the_shipped_settings(classifier):
         assert run["row_settings"] == settings and run["view"] == row.view, path
         assert run["purifier"] == study._resolved(study.make_purifier(row.variant, classifier, **settings)), path
         assert run["classifier_weights"] == digests[run["classifier"]], path
+        key = (row.name, k, run["classifier"])
+        if key not in purifier_digests:
+            purifier = study.make_purifier(row.variant, classifiers[run["classifier"]], **settings)
+            purifier_digests[key] = None if purifier is None else study.weights_digest(purifier)
+        assert run["purifier_weights"] == purifier_digests[key], path  # e.g. records of a previous IMPurify network
+
+
+def test_records_of_another_purifier_network_are_refused(tmp_path, classifier, dataset, monkeypatch):
+    """A retrained purifier network (same settings, other weights) never reuses the records of the previous one."""
+    row, budget = ROWS[1], study.Budget(images=2, large_images=2, steps=1, eot=1, runs=1, batch_size=2)
+    study.run_row(row, classifier, "cnn", "linf", dataset, budget, tmp_path, progress=False)
+    build = study.make_purifier
+
+    def retrained(*args, **kw):
+        purifier = build(*args, **kw)
+        with torch.no_grad():
+            next(purifier.parameters()).view(-1)[0] += 1e-6
+        return purifier
+
+    monkeypatch.setattr(study, "make_purifier", retrained)
+    with pytest.raises(ValueError, match="another configuration.*purifier_weights"):
+        study.run_row(row, classifier, "cnn", "linf", dataset, budget, tmp_path, progress=False)
 
 
 def test_records_of_another_classifier_network_are_refused(tmp_path, classifier, dataset):
