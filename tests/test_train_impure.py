@@ -69,6 +69,10 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     assert state["step"] == 2 and state["config"]["stage"] == "finetune"
     IMPurify.from_pretrained(tmp_path)  # strict
+    other = finetune_trainer(small(), data)
+    other.perceptual = FeatureLoss(other.classifier, {"": 1.0})  # another perceptual loss: refused, not mixed in
+    with pytest.raises(ValueError, match="perceptual: .*in the checkpoint"):
+        other.load(tmp_path)
 
 
 def test_finetune_needs_a_classifier_or_labels():

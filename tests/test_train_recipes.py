@@ -125,6 +125,29 @@ def test_resume_refuses_other_settings_and_a_torn_checkpoint(tmp_path):
         classifier_trainer(1).load(tmp_path)
 
 
+def test_a_killed_sitting_is_recorded_up_to_its_last_checkpoint(tmp_path):
+    """The sitting log follows the checkpoints: a run killed after step 4 (checkpoints at 2 and 4) records [0, 4]."""
+    from purifytf.train.record import fit_sitting
+
+    trainer = classifier_trainer(1, checkpoint_every=2)
+    real = trainer.train_step
+
+    def killed_after_four(*args):
+        if trainer.step == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    trainer.train_step = killed_after_four
+    sittings, log = [], tmp_path / "sittings.json"
+    with pytest.raises(KeyboardInterrupt):
+        fit_sitting(trainer, tmp_path, 6, log, sittings, "cpu", progress=False, stage="pretrain")
+    assert [s["steps"] for s in json.loads(log.read_text())] == [[0, 4]]
+    resumed = classifier_trainer(1, checkpoint_every=2)
+    resumed.load(tmp_path)
+    fit_sitting(resumed, tmp_path, 6, log, json.loads(log.read_text()), "cpu", progress=False, stage="pretrain")
+    assert [s["steps"] for s in json.loads(log.read_text())] == [[0, 4], [4, 6]]
+
+
 def test_ddpm_average_lags_the_trained_weights():
     trainer = ddpm_trainer(steps=4)
     before = [p.clone() for p in trainer.model.parameters()]

@@ -12,7 +12,7 @@ Stage 2 (fine-tuning on PGD examples against a classifier, perceptual loss on it
 
 ``--resume`` continues from the checkpoint in ``--out``. The output directory loads with
 ``IMPurify.from_pretrained(out)``; its ``metrics.json`` records the seed, steps, seconds, threads, device and
-machine of every sitting that reached its end (:mod:`purifytf.train.record`).
+machine of every sitting, up to its last checkpoint (:mod:`purifytf.train.record`).
 """
 
 from __future__ import annotations

@@ -160,6 +160,10 @@ class IMPureTrainer(Trainer):
         self.attack = attack
         self.perceptual = perceptual
 
+    def recipe_settings(self) -> dict[str, object]:
+        """The perceptual loss's layers and weights (the classifier and attack themselves are not compared)."""
+        return {"perceptual": None if self.perceptual is None else dict(self.perceptual.layers)}
+
     # --- optimisation --------------------------------------------------------------------------
     def losses(self, clean: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """The stage's losses on a clean batch (B, C, H, W) in [0, 1] with labels (B,)."""

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +136,12 @@ class Trainer:
         self.after_step()
         return {name: value.item() for name, value in losses.items()}
 
-    def fit(self, out_dir: str | Path | None = None, stop: int | None = None,
-            progress: bool = True) -> list[dict[str, float]]:
+    def fit(self, out_dir: str | Path | None = None, stop: int | None = None, progress: bool = True,
+            on_checkpoint: Callable[[], None] | None = None) -> list[dict[str, float]]:
         """Train from the current step to ``stop`` (default ``config.steps``), checkpointing to ``out_dir``.
 
-        Checkpoints every ``config.checkpoint_every`` steps and at the end. Returns the losses per step.
+        Checkpoints every ``config.checkpoint_every`` steps and at the end, calling ``on_checkpoint()`` after each
+        (e.g. to log the sitting so far). Returns the losses per step.
         """
         stop = self.config.steps if stop is None else stop
         history = []
@@ -155,6 +156,8 @@ class Trainer:
                 bar.update()
                 if out_dir is not None and (self.step % self.config.checkpoint_every == 0 or self.step == stop):
                     self.save(out_dir)
+                    if on_checkpoint is not None:
+                        on_checkpoint()
         self.network.eval()
         return history
 

@@ -2,7 +2,8 @@
 
 A sitting is ``{labels..., "steps": [start, stop], "seconds", "threads", "device"}``; a run keeps its sittings in a
 JSON list beside its checkpoint (``sittings.json``) so that a resumed run adds to them, and its ``metrics.json``
-sums them. A sitting is logged when it ends: one killed on the way keeps its checkpointed steps, not its record.
+sums them. A sitting is logged at each checkpoint, so one killed on the way is recorded up to its last checkpoint
+(the steps a resumed run continues from).
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def sitting(trainer, start_step: int, start: float, device: torch.device | str, 
 def fit_sitting(trainer, directory: Path, stop: int, log: Path, sittings: list[dict], device: torch.device | str,
                 progress: bool = True, **labels) -> None:
     """Train ``trainer`` to step ``stop``, checkpointing to ``directory``; a sitting that trained appends its record
-    (:func:`sitting`, with ``labels``) to ``sittings`` and writes them to ``log``."""
-    start_step, start = trainer.step, time.perf_counter()
-    trainer.fit(directory, stop=stop, progress=progress)
-    if trainer.step > start_step:  # a sitting that only re-exports adds nothing
-        sittings.append(sitting(trainer, start_step, start, device, **labels))
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(json.dumps(sittings, indent=1) + "\n")
+    (:func:`sitting`, with ``labels``) to ``sittings`` and writes them to ``log``, at each checkpoint."""
+    start_step, start, before = trainer.step, time.perf_counter(), list(sittings)
+
+    def record() -> None:
+        if trainer.step > start_step:  # a sitting that only re-exports adds nothing
+            sittings[:] = [*before, sitting(trainer, start_step, start, device, **labels)]
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(json.dumps(sittings, indent=1) + "\n")
+
+    trainer.fit(directory, stop=stop, progress=progress, on_checkpoint=record)
