@@ -27,12 +27,10 @@ import numpy as np
 import PIL.Image
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .data import to_8bit
-from .defended import adapt_normalization, input_channels, resolve_normalization
-from .evaluation.loading import load_classifier, load_purifier, parse_normalize
+from .evaluation.loading import load_classifier, load_purifier, unit_input_classifier
 from .factory import list_purifiers
 
 __all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "purify_files",
@@ -180,9 +178,7 @@ def _saved_classifier(args: argparse.Namespace) -> nn.Module | None:
                          f"saved folder); {args.purifier!r} is not a saved purifier")
     classifier = load_classifier(args.classifier, num_classes=args.num_classes, in_channels=args.in_channels,
                                  architecture_only=True)
-    normalization = adapt_normalization(resolve_normalization(classifier, parse_normalize(args.normalize)),
-                                        input_channels(classifier))
-    return classifier if normalization is None else nn.Sequential(v2.Normalize(*normalization), classifier)
+    return unit_input_classifier(classifier, args.normalize)[0]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,14 +21,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
-from torch import nn
-from torchvision.transforms import v2
 
 from ..attacks import ATTACK_METHODS, ATTACK_VIEWS, PRESETS, AttackSettings, parse_attacks
-from ..defended import DefendedModel, adapt_normalization, input_channels, resolve_normalization
+from ..defended import DefendedModel
 from .data import load_dataset
 from .harness import default_device, distributed, evaluate, summary_markdown
-from .loading import load_classifier, load_purifier, parse_normalize, parse_options
+from .loading import load_classifier, load_purifier, parse_options, unit_input_classifier
 from .report import write_reports
 
 __all__ = ["add_arguments", "dataset_name", "run", "main", "select_indices"]
@@ -126,9 +124,7 @@ def defended_model(args: argparse.Namespace, channels: int | None = None) -> Def
     normalises before the classifier itself; a saved saliency purifier must have been saved with such a classifier.
     """
     classifier = load_classifier(args.classifier, args.classifier_weights, args.pretrained, args.num_classes)
-    normalization = adapt_normalization(resolve_normalization(classifier, parse_normalize(args.normalize)),
-                                        input_channels(classifier) or channels)
-    reader = classifier if normalization is None else nn.Sequential(v2.Normalize(*normalization), classifier)
+    reader, normalization = unit_input_classifier(classifier, args.normalize, channels)
     purifier = load_purifier(args.purifier, args.purifier_class, parse_options(args.purifier_option),
                              args.checkpoint, args.purifier_seed, reader)
     return DefendedModel(purifier, classifier, runs=args.runs, vote=args.vote, normalize=normalization)

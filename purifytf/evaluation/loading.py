@@ -18,10 +18,12 @@ import json
 from pathlib import Path
 
 from torch import nn
+from torchvision.transforms import v2
 
 from ..classifiers import entry_point, load_classifier
+from ..defended import adapt_normalization, input_channels, resolve_normalization
 
-__all__ = ["load_classifier", "load_purifier", "parse_normalize", "parse_options"]
+__all__ = ["load_classifier", "load_purifier", "parse_normalize", "parse_options", "unit_input_classifier"]
 
 
 def _is_entry_point(spec: str) -> bool:
@@ -97,6 +99,18 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
     if seed is not None:
         purifier.seed = seed
     return purifier
+
+
+def unit_input_classifier(classifier: nn.Module, normalize: str,
+                          channels: int | None = None) -> tuple[nn.Module, tuple | None]:
+    """``classifier`` as a saliency purifier reads it, on [0, 1] images, and the (mean, std) the command line's
+    ``normalize`` resolves to (fitted to the classifier's input channels, else ``channels``; ``None``: none):
+    ``nn.Sequential(v2.Normalize(mean, std), classifier)`` over the same network, or ``classifier`` itself."""
+    normalization = adapt_normalization(resolve_normalization(classifier, parse_normalize(normalize)),
+                                        input_channels(classifier) or channels)
+    if normalization is None:
+        return classifier, None
+    return nn.Sequential(v2.Normalize(*normalization), classifier), normalization
 
 
 def parse_normalize(text: str):
