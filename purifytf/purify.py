@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import to_8bit
-from .evaluation.loading import load_classifier, load_purifier, unit_input_classifier
-from .factory import list_purifiers
+from .evaluation.loading import is_saved_purifier, load_classifier, load_purifier, unit_input_classifier
 
 __all__ = ["DEFAULT_PURIFIER", "IMAGE_SUFFIXES", "add_arguments", "collect_images", "purify_files",
            "read_image", "run"]
@@ -173,7 +172,7 @@ def _saved_classifier(args: argparse.Namespace) -> nn.Module | None:
     """The architecture of a saved saliency purifier's classifier (random weights: the saved folder holds them)."""
     if args.classifier is None:
         return None
-    if args.purifier in list_purifiers() or ":" in args.purifier:
+    if not is_saved_purifier(args.purifier):
         raise ValueError(f"--classifier gives a saved purifier's classifier architecture (its weights come from the "
                          f"saved folder); {args.purifier!r} is not a saved purifier")
     classifier = load_classifier(args.classifier, num_classes=args.num_classes, in_channels=args.in_channels,

@@ -23,11 +23,20 @@ from torchvision.transforms import v2
 from ..classifiers import entry_point, load_classifier
 from ..defended import adapt_normalization, input_channels, resolve_normalization
 
-__all__ = ["load_classifier", "load_purifier", "parse_normalize", "parse_options", "unit_input_classifier"]
+__all__ = ["is_saved_purifier", "load_classifier", "load_purifier", "parse_normalize", "parse_options",
+           "unit_input_classifier"]
 
 
 def _is_entry_point(spec: str) -> bool:
     return ":" in spec and not Path(spec).exists()
+
+
+def is_saved_purifier(spec: str) -> bool:
+    """Whether ``spec`` names a saved directory or Hub repo id (not ``none``, a listed name or ``module:function``)."""
+    from ..factory import list_purifiers
+
+    return (spec != "none" and not _is_entry_point(spec) and spec not in list_purifiers()
+            and (Path(spec).expanduser().is_dir() or spec.count("/") == 1))
 
 
 def parse_options(items: list[str] | None) -> dict:
@@ -68,7 +77,7 @@ def load_purifier(spec: str, cls: str | None = None, options: dict | None = None
         elif spec in list_purifiers():
             shared = {"classifier": classifier} if takes_classifier(spec) and classifier is not None else {}
             purifier = create_purifier(spec, pretrained=True, **shared, **options)
-        elif Path(spec).expanduser().is_dir() or spec.count("/") == 1:
+        elif is_saved_purifier(spec):
             shared = {} if classifier is None else {"classifier": copy.deepcopy(classifier),
                                                     "optional": ("classifier",)}
             try:
