@@ -162,13 +162,15 @@ def apgd(model: DefendedModel, x: Tensor, y: Tensor, *, losses: Sequence[str], e
          eot: int = 1) -> Tensor:
     """torchattacks' Linf APGD once per loss (``"ce"``, ``"dlr"``), each run on the images the previous runs left.
 
-    Against a stochastic, voting defence torchattacks' own ``APGD``/``MultiAttack`` go wrong in four
-    ways, mended here: every image is attacked (torchattacks skips those whose single clean pass is
-    wrong); each run returns its best-loss iterate per image (torchattacks returns the clean image unless
-    one stochastic pass was fooled); the runs draw fresh purifier noise from the global RNG (torchattacks
-    reseeds it on every run, replaying the same noise); and an image is left for the next run unless the
-    defence's vote (:meth:`DefendedModel.predict`) on it is wrong. Images (B, C, H, W) in [0, 1] -> (B, C, H, W).
-    The best loss is the one of the last EOT pass of each step, as in AutoAttack.
+    Against a stochastic, voting defence torchattacks' own ``APGD``/``MultiAttack`` go wrong in four ways, mended
+    here: every image is attacked (torchattacks skips those whose single clean pass is wrong); each run returns its
+    best-loss iterate per image (torchattacks returns the clean image unless one stochastic pass was fooled); the
+    runs draw fresh purifier noise from the global RNG (torchattacks reseeds it on every run, replaying the same
+    noise); and an image is left for the next run unless the vote (:meth:`DefendedModel.predict`) of ``model`` on it
+    is wrong. ``model`` is the attacked view (:meth:`Attack.target`): the defence itself for the adaptive view; a
+    transfer or surrogate view chains on its own model, as AutoAttack run on that model does (the defence only
+    scores the final images). Images (B, C, H, W) in [0, 1] -> (B, C, H, W). The best loss is the one of the last
+    EOT pass of each step, as in AutoAttack.
     """
     import torchattacks  # optional dependency
 

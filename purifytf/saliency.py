@@ -9,6 +9,7 @@ kernels. Nothing here leaves a hook on a model or writes a file.
 
 import collections
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -109,11 +110,17 @@ def _record_map(records: list, state: dict, name: str, module: nn.Module, args, 
 def find_stages(model: nn.Module, x: Tensor, num_stages: int = 4) -> list[str]:
     """Names of the ``num_stages`` deepest stages of ``model`` for inputs like ``x`` (dry run, no gradient).
 
-    A stage is the last submodule, in execution order, to return a 4-D map at a given spatial
-    resolution (runs of equal, decreasing resolution). Maps of size 1x1, maps larger than the last
-    stage (e.g. an adaptive pool upsampling), anything computed before the first module with
-    parameters (input normalisation) and modules called more than once per forward (one ``nn.ReLU``
-    shared by several layers: a hook sees only its last call) are skipped. May return fewer names, or none.
+    A stage is the last module, in execution order, to return a 4-D map at a given spatial resolution
+    (runs of equal, decreasing resolution). Modules are looked at from the top: a module whose children
+    form a pipeline (outputs of non-increasing size, at least two sizes: ``nn.Sequential(conv, conv,
+    pool)``, a ``features`` list of blocks) is opened up, any other block counts whole, so a bottleneck's
+    layers before its stride (ResNet-50's ``layer2.0.bn1``) or one branch of an Inception block never
+    stand for a stage: ResNet-50 gives ``layer1``..``layer4``. Maps of size 1x1, maps larger than the last
+    stage (e.g. an adaptive pool upsampling), anything computed before the first module with parameters
+    (input normalisation) and modules called more than once per forward (one ``nn.ReLU`` shared by several
+    layers: a hook sees only its last call) are skipped. One map per resolution (a WideResNet gives its
+    block groups and final ReLU at 32, 16, 8: three; pass ``stages=`` names for others). May return fewer
+    names, or none.
     """
     records: list[tuple[str, tuple[int, int]]] = []
     record = functools.partial(_record_map, records, {"started": False})
@@ -126,13 +133,31 @@ def find_stages(model: nn.Module, x: Tensor, num_stages: int = 4) -> list[str]:
         for handle in handles:
             handle.remove()
     calls = collections.Counter(name for name, _ in records)
+    sizes = {name: size for name, size in records if calls[name] == 1}
+    order = {name: i for i, (name, _) in enumerate(records)}
     stages: list[tuple[str, tuple[int, int]]] = []
-    for name, size in (record for record in records if calls[record[0]] == 1):
+    for name in sorted(_stage_candidates(model, "", sizes, order), key=order.__getitem__):
+        size = sizes[name]
         if stages and stages[-1][1] == size:
             stages[-1] = (name, size)
         elif not stages or size[0] * size[1] < stages[-1][1][0] * stages[-1][1][1]:
             stages.append((name, size))
     return [name for name, _ in stages[-num_stages:]]
+
+
+def _stage_candidates(module: nn.Module, prefix: str, sizes: dict, order: dict) -> list[str]:
+    """The submodules :func:`find_stages` chooses from: ``module``'s recorded children, and the children of
+    those whose own children form a pipeline, recursively."""
+    names = []
+    for child_name, child in module.named_children():
+        name = f"{prefix}{child_name}"
+        areas = [sizes[k][0] * sizes[k][1] for k in sorted(
+            (f"{name}.{c}" for c, _ in child.named_children() if f"{name}.{c}" in sizes), key=order.__getitem__)]
+        if len(set(areas)) > 1 and all(a >= b for a, b in itertools.pairwise(areas)):
+            names += _stage_candidates(child, f"{name}.", sizes, order)
+        if name in sizes:
+            names.append(name)
+    return names
 
 
 def _split_preprocessing(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -155,12 +155,20 @@ def test_records_hold_the_perturbation_norms_of_either_threat_model():
     assert (norms[2] <= norms[3]).all()  # may pull an image inside)
 
 
-def test_more_images_extend_a_run_but_another_configuration_is_refused(setup, tmp_path, capsys):
-    out = str(tmp_path / "out")
-    assert main([*setup, "--output", out, "--num-images", "2"]) == 0
-    assert main([*setup, "--output", out, "--num-images", "3"]) == 0
-    assert sorted(load_records(out)) == [0, 1, 2]
-    assert main([*setup, "--output", out, "--eps", "8/255"]) == 2
+def test_more_images_extend_a_run_as_a_fresh_run_but_another_configuration_is_refused(setup, tmp_path, capsys):
+    """3 images (batches [0, 1], [2]) extended to all 6 ([0, 1], [2, 3], [4, 5]): image 2's batch is redone with its
+    new batch-mate, so every record and the summary equal a fresh run's."""
+    out = tmp_path / "out"
+    assert main([*setup, "--output", str(out), "--num-images", "3"]) == 0
+    assert load_records(out)[2]["batch"] == [2, 0, 1]
+    assert main([*setup, "--output", str(out)]) == 0
+    assert main([*setup, "--output", str(tmp_path / "fresh")]) == 0
+    places = harness._places([[0, 1], [2, 3], [4, 5]])
+    extended, fresh = load_records(out, places), load_records(tmp_path / "fresh")
+    assert extended[2]["batch"] == [2, 0, 2] and comparable(extended) == comparable(fresh)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, tmp_path / "fresh")]
+    assert summaries[0]["robust_accuracy"] == summaries[1]["robust_accuracy"]
+    assert main([*setup, "--output", str(out), "--eps", "8/255"]) == 2
     assert "another configuration" in capsys.readouterr().err
 
 
@@ -352,6 +360,12 @@ def test_model_info_threat_model_and_eps():
     info = model_info(summary, "m", "cifar10")
     assert (info["threat_model"], info["eps"], info["external"]) == ("L2", "0.5", "50.00")
     assert "autoattack_acc" not in info
+    transfer = {**summary, "robust_accuracy": {"fgsm@transfer": 1.0, "pgd-eot-linf@surrogate": 0.75},
+                "robust_accuracy_by_threat_model": {"Linf": 0.75}}  # no attack on the defence itself
+    info = model_info(transfer, "m", "cifar10")
+    assert "external" not in info and "no attack on the defence itself" in info["footnote"]
+    bpda = {**transfer, "robust_accuracy": {"pgd-eot-linf@bpda": 0.5}, "robust_accuracy_by_threat_model": {"Linf": 0.5}}
+    assert model_info(bpda, "m", "cifar10")["external"] == "50.00"
 
 
 @pytest.mark.parametrize("normalize", ["none", "0.5:0.25"])

@@ -208,10 +208,18 @@ def test_backbone_trained_range(tmp_path):
         SaliencyDiffPurify(backbone, tiny_classifier(), t_l=0.4, t_s=0.1)  # its network calls reach t = 403
     with pytest.raises(ValueError, match=r"SSNI's t\* \+ bias.*max_t = 400"):
         SSNIPurify(DiffPurify(backbone, t_star=0.4), bias=0.005)
+    with pytest.raises(ValueError, match=r"eps_steps must be in \[1, 400\].*got 600"):
+        SSNIPurify(DiffPurify(backbone, t_star=0.1), eps_steps=600)  # the EPS would call the network at t = 600
     ok = DiffPurify(backbone, t_star=0.3)
     ok.t_star = 0.6  # changed after construction: refused when called
     with pytest.raises(ValueError, match="max_t = 400"):
         ok(torch.rand(1, 1, 8, 8))
+    ok.t_star = 0.3
+    ok.run(torch.rand(2, 1, 8, 8), None, rule=lambda x, generator: torch.tensor([0.5, 9.0]))  # a rule asking t = 2700
+    assert ok.last_t.tolist() == [150, 400]  # held at the trained range
+    saliency = SaliencyDiffPurify(backbone, tiny_classifier(), t_l=0.3, t_s=0.1)
+    saliency.run(torch.rand(1, 1, 8, 8), None, rule=lambda x, generator: torch.tensor([9.0]))
+    assert saliency.last_t.tolist() == [397]  # + 3 resampling steps: its calls stay within 400
 
 
 def test_configs_saved_before_class_names_still_load(tmp_path):

@@ -114,6 +114,29 @@ def test_copies_and_pickles_extract_with_their_own_model(make):
     assert double(x.double())[0].dtype == torch.float64
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("resnet50", ["layer1", "layer2", "layer3", "layer4"]),  # not the bottlenecks' bn1 before their stride
+    ("mobilenet_v3_small", ["features.1", "features.3", "features.8", "features"]),
+    ("inception_v3", ["Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"]),  # not one branch of Mixed_7a
+])
+def test_stages_are_whole_blocks_not_the_layers_before_a_stride(name, expected):
+    """ALGORITHMS.md: ResNet stages are layer1..layer4. A block that is no pipeline (a bottleneck with its stride
+    inside, parallel branches) counts whole; a pipeline (Sequential of blocks, conv-conv-pool) is opened up."""
+    size = 299 if name == "inception_v3" else 96
+    extra = {"aux_logits": False, "init_weights": False} if name == "inception_v3" else {}
+    net = getattr(torchvision.models, name)(weights=None, num_classes=10, **extra).eval()
+    assert find_stages(net, torch.rand(1, 3, size, size)) == expected
+
+
+def test_small_cnn_stages_open_up_its_conv_conv_pool_pipelines():
+    """The bundled classifier's stages (the study's saliency masks depend on them)."""
+    from purifytf.models import AllConvNet, SmallCNN
+
+    x = torch.rand(2, 1, 28, 28)
+    assert find_stages(SmallCNN().eval(), x) == ["stage1.1", "stage2.1", "stage2"]
+    assert find_stages(AllConvNet().eval(), x) == ["features.0", "features.2", "features"]
+
+
 def test_wrapped_with_normalisation():
     net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     wrapped = nn.Sequential(v2.Normalize([0.5] * 3, [0.25] * 3), net)

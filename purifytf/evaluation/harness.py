@@ -114,8 +114,13 @@ def _records_files(output: Path) -> list[Path]:
     return sorted(output.glob("images*.jsonl"))
 
 
-def load_records(output: str | Path) -> dict[int, dict]:
-    """Every complete per-image record in ``output`` by dataset index (a torn last line is ignored)."""
+def load_records(output: str | Path, places: dict[int, list[int]] | None = None) -> dict[int, dict]:
+    """Every complete per-image record in ``output`` by dataset index (a torn last line is ignored).
+
+    ``places``: index -> ``[first index, position, size]`` of the batch the image falls in now; a record made in
+    another batch (an extended run's earlier partial batch: other noise, other batch-mates) is then left out.
+    Records older than the ``batch`` field are taken as they are.
+    """
     records: dict[int, dict] = {}
     for path in _records_files(Path(output)):
         for line in path.read_text().splitlines():
@@ -123,7 +128,8 @@ def load_records(output: str | Path) -> dict[int, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records.setdefault(record["index"], record)
+            if places is None or record.get("batch", places.get(record["index"])) == places.get(record["index"]):
+                records.setdefault(record["index"], record)
     return records
 
 
@@ -199,13 +205,15 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
              run_missing: bool = True) -> dict | None:
     """Evaluate ``defended`` on ``dataset[indices]`` (default: all) under ``attacks``.
 
-    ``indices`` are cut into batches of ``batch_size`` in order; a batch runs with seed ``seed`` + its
-    first index (:func:`evaluate_batch`). Its per-image records go to ``output`` as soon as it is done;
-    a rerun redoes the batches with a missing record (same batch, same seed, same results) and writes
-    only the missing records. Under ``torch.distributed`` each rank takes every ``world``-th of those
-    batches; rank 0 gathers the records and writes the summary. ``config`` (JSON-able) joins the
-    recorded run configuration. ``run_missing=False`` runs nothing and writes nothing: it checks the
-    configuration and summarises the records there are. Returns the summary on rank 0, ``None`` on other ranks.
+    ``indices`` are cut into batches of ``batch_size`` in order; a batch runs with seed ``seed`` + its first index
+    (:func:`evaluate_batch`). Its per-image records, each naming its batch, go to ``output`` as soon as it is done;
+    a rerun redoes the batches with a missing record (same batch, same seed, same results) and writes only the
+    missing records. A run extended to more images redoes its earlier partial last batch whole (its records were
+    made with other batch-mates and noise), so an extended run equals a fresh one. Under ``torch.distributed`` each
+    rank takes every ``world``-th of those batches; rank 0 gathers the records and writes the summary. ``config``
+    (JSON-able) joins the recorded run configuration. ``run_missing=False`` runs nothing and writes nothing: it
+    checks the configuration and summarises the records there are. Returns the summary on rank 0, ``None`` on other
+    ranks.
     """
     settings = settings or AttackSettings()
     if batch_size < 1:
@@ -220,9 +228,9 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
                   "batch_size": batch_size, "runs": defended.runs, "vote": defended.vote,
                   "normalization": defended.normalization}
     _check_run_config(output, run_config, rank)
-    done = load_records(output)
-    _barrier()  # every rank has read the same finished set before any rank adds to it
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    done = load_records(output, _places(batches))
+    _barrier()  # every rank has read the same finished set before any rank adds to it
     mine = [b for b in batches if run_missing and any(i not in done for i in b)][rank::world]
     new = _evaluate_batches(defended, dataset, mine, done, attacks, settings, seed, output, rank, progress)
     if world > 1:
@@ -238,6 +246,11 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
         (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (output / "summary.md").write_text(summary_markdown(summary))
     return summary
+
+
+def _places(batches: list[list[int]]) -> dict[int, list[int]]:
+    """index -> [first index of its batch, its position there, the batch's size] (the record's ``batch``)."""
+    return {i: [batch[0], position, len(batch)] for batch in batches for position, i in enumerate(batch)}
 
 
 def _labelled(dataset: Dataset, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +274,8 @@ def _evaluate_batches(defended: DefendedModel, dataset: Dataset, batches: list[l
         for batch in batches:
             images, labels = _labelled(dataset, batch)
             results = evaluate_batch(defended, images, labels, attacks, settings, seed + batch[0])
-            new = [{"index": i, **r} for i, r in zip(batch, results, strict=True) if i not in done]
+            new = [{"index": i, "batch": place, **r} for (i, place), r in zip(_places([batch]).items(), results,
+                                                                              strict=True) if i not in done]
             file.write("".join(json.dumps(record) + "\n" for record in new))
             file.flush()
             os.fsync(file.fileno())

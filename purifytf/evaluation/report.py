@@ -1,12 +1,12 @@
 """Evaluation results in formats others read: a RobustBench ``model_info`` entry and a Hugging Face model-index.
 
-``purifytf eval`` writes both next to its summary: ``model_info.json`` (RobustBench's fields: ``name``,
-``dataset``, ``threat_model``, ``eps`` as ``"8/255"``, ``clean_acc``, ``autoattack_acc`` when AutoAttack
-ran, ``external`` for the per-image minimum over every attack of the threat model, accuracies in percent
-as strings with two decimals, ``number_forward_passes`` (one for a seeded defence); our attack settings,
-seeds and image count under ``"purifytf"``) and ``model_index.yaml`` (the card metadata block).
-``hub.model_card(purifier, eval_run=OUTPUT)`` puts the same model-index into the card
-``save_pretrained``/``push_to_hub`` write.
+``purifytf eval`` writes both next to its summary: ``model_info.json`` (RobustBench's fields: ``name``, ``dataset``,
+``threat_model``, ``eps`` as ``"8/255"``, ``clean_acc``, ``autoattack_acc`` when AutoAttack ran, ``external`` for
+the per-image minimum over every attack of the threat model (only when one of them attacks the defence itself,
+adaptively or with BPDA: transfer and surrogate views alone give none), accuracies in percent as strings with two
+decimals, ``number_forward_passes`` (one for a seeded defence); our attack settings, seeds and image count under
+``"purifytf"``) and ``model_index.yaml`` (the card metadata block). ``hub.model_card(purifier, eval_run=OUTPUT)``
+puts the same model-index into the card ``save_pretrained``/``push_to_hub`` write.
 """
 
 from __future__ import annotations
@@ -57,9 +57,13 @@ def model_info(summary: dict, name: str, dataset: str) -> dict:
     if "autoattack-rand" in summary["robust_accuracy"] and model == "Linf":
         info["autoattack_acc"] = _percent(summary["robust_accuracy"]["autoattack-rand"])
     attacks = [a for a in summary["robust_accuracy"] if threat_model(a) == model]
-    if attacks != ["autoattack-rand"] and model in minima:
+    adaptive = [a for a in attacks if a.partition("@")[2] in ("", "bpda")]  # attacks on the defence itself
+    if adaptive and attacks != ["autoattack-rand"] and model in minima:
         info["external"] = _percent(minima[model])
         info["footnote"] = f"per-image minimum over {', '.join(attacks)} (adaptive evaluation, purifytf eval)"
+    elif not adaptive:
+        info["footnote"] = (f"{', '.join(attacks)}: no attack on the defence itself (adaptive or BPDA), so no robust "
+                            "accuracy is reported (per-attack figures under purifytf; purifytf eval)")
     info["number_forward_passes"] = summary["passes_per_prediction"]
     info["purifytf"] = {
         "images": summary["images"], "attacks": list(summary["robust_accuracy"]),

@@ -137,14 +137,15 @@ class DiffusionPurifier(Purifier):
         return t
 
     def levels(self, base: float, batch: int, level_scale: Tensor | None, device: torch.device) -> Tensor:
-        """Per-sample noise level (B,) in steps: ``round(base * level_scale)``, at least 1.
+        """Per-sample noise level (B,) in steps: ``round(base * level_scale)``, at least 1 and at most the
+        backbone's trained range (``max_t`` less :attr:`level_overshoot`: a rule asking for more is held there).
 
         Integer steps without ``level_scale``; with a ``level_scale`` that carries gradient the
         rounding is straight-through (float steps whose forward value is the integer).
         """
         if level_scale is None:
             return torch.full((batch,), round(base), device=device, dtype=torch.long)
-        t = (base * level_scale.to(device)).clamp(1, self.schedule.num_steps)
+        t = (base * level_scale.to(device)).clamp(1, self.backbone.max_t - self.level_overshoot)
         if level_scale.requires_grad:
             return straight_through(t.detach().round(), t)
         return t.round().long()

@@ -119,8 +119,10 @@ class SSNIPurify(Purifier):
             raise ValueError(f"reweight must be 'sigmoid' (SSNI-N) or 'linear' (SSNI-L), got {reweight!r}")
         if tau is not None and not tau > 0:
             raise ValueError(f"tau must be > 0 (or None for the calibrated std), got {tau}")
-        if not 1 <= eps_steps <= base.schedule.num_steps:
-            raise ValueError(f"eps_steps must be in [1, {base.schedule.num_steps}], got {eps_steps}")
+        if not 1 <= eps_steps <= base.backbone.max_t:
+            raise ValueError(f"eps_steps must be in [1, {base.backbone.max_t}] (the EPS calls the network at levels "
+                             f"1..eps_steps; the backbone's trained range max_t = {base.backbone.max_t}), "
+                             f"got {eps_steps}")
         self.base = base
         self.reweight = reweight
         self.tau = tau
