@@ -273,8 +273,9 @@ class Attack:
 
     def check_available(self) -> None:
         """A ``ValueError`` with the install command if :attr:`library` is missing (before any image is attacked)."""
-        if self.library is not None and importlib.util.find_spec(self.library) is None:
-            raise ValueError(f"attack {self.name} needs {self.library}, which is not installed: "
+        missing = [m for m in (self.library, "scipy") if self.library and importlib.util.find_spec(m) is None]
+        if missing:  # torchattacks imports scipy on import
+            raise ValueError(f"attack {self.name} needs {' and '.join(missing)}, not installed: "
                              "pip install --no-deps 'torchattacks>=3.5' scipy (its requests pin is for downloads "
                              "only)")
 

@@ -203,14 +203,14 @@ def test_bad_number_is_an_argparse_error(setup, tmp_path, capsys):
     assert exit_info.value.code == 2 and "fraction" in capsys.readouterr().err
 
 
-def test_a_missing_attack_library_is_refused_before_any_image(setup, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("absent", ["torchattacks", "scipy"])  # torchattacks imports scipy on import
+def test_a_missing_attack_library_is_refused_before_any_image(setup, tmp_path, monkeypatch, capsys, absent):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torchattacks" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a))
     assert main([*setup, "--output", str(tmp_path / "out")]) == 2
-    assert "autoattack-rand needs torchattacks, which is not installed: pip install" in capsys.readouterr().err
+    assert f"autoattack-rand needs {absent}, not installed: pip install" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
