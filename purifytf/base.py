@@ -154,17 +154,31 @@ class Purifier(
             work = _resize(work, self.sample_size)
         return work, generator
 
+    def extra_repr(self) -> str:
+        """The purifier's settings (:meth:`_settings_repr`), then ``seed`` and ``checkpoint`` where set."""
+        extras = [f"seed={self.seed}"] if self.seed is not None else []
+        extras += ["checkpoint=True"] if getattr(self, "checkpoint", False) else []
+        return ", ".join(filter(None, [self._settings_repr(), *extras]))
+
+    def _settings_repr(self) -> str:
+        return ""
+
     def _device_dtype(self, batch: Tensor) -> tuple[torch.device, torch.dtype]:
         """Device of the model's tensors, and float64 if the model was made double, else float32; a model
         without tensors works on the batch's device, in float64 for float64 input (exact gradients).
 
-        Low-precision weights still run float32 purification maths (use autocast for bf16/fp16).
+        Low-precision weights (``.half()``, ``.bfloat16()``) are refused: the purification maths run in float32,
+        and ``torch.autocast`` gives bf16/fp16 network calls.
         """
         schedules = {id(b) for m in self.modules() if isinstance(m, NoiseSchedule) for b in m.buffers()}
         tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
         if not tensors:
             return batch.device, torch.float64 if batch.dtype == torch.float64 else torch.float32
         weights = [t for t in tensors if id(t) not in schedules] or tensors
+        if weights[0].dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__} holds {weights[0].dtype} weights: purification runs float32 maths "
+                            f"(float64 after .double()); keep float32 weights and call it under torch.autocast("
+                            f"device_type, dtype={weights[0].dtype}) for low-precision network calls")
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 
     def _needs_transform_list(self, flat_inputs: list) -> list[bool]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms import v2
 
 from .base import Purifier
 from .functional import straight_through
@@ -52,11 +53,18 @@ def resolve_normalization(classifier: nn.Module, normalize) -> Normalization | N
 
 def input_channels(module: nn.Module | None) -> int | None:
     """Image channels ``module`` takes: a purifier's ``in_channels``, else the ``in_channels`` of its first
-    2-D convolution (timm, torchvision and most CNNs); ``None`` when unknown (any channel count)."""
+    2-D convolution (timm, torchvision and most CNNs); ``None`` when unknown (any channel count), as for an
+    ``nn.Sequential`` that converts channels before its first convolution (``v2.RGB()``, ``v2.Grayscale()``)."""
     if module is None:
         return None
     if isinstance(module, Purifier):
         return module.in_channels
+    if isinstance(module, (v2.RGB, v2.Grayscale)):
+        return None
+    if isinstance(module, nn.Sequential):
+        first = next((m for m in module if isinstance(m, (v2.RGB, v2.Grayscale, Purifier))
+                      or any(isinstance(sub, nn.Conv2d) for sub in m.modules())), None)
+        return input_channels(first)
     return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
 

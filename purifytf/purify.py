@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     """Purify the files; prints where they went. Returns the exit status (2: bad arguments or inputs)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
         pairs = _pairs(args)
         if args.purifier == "none":
             raise ValueError("--purifier none purifies nothing: give a purifier")

@@ -208,19 +208,21 @@ class StageFeatures:
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         """(B, C, H, W) -> feature maps (B, C_k, h_k, w_k), shallow to deep."""
-        if callable(self.stages):
-            features = list(self.stages(x))
-        else:
-            key = tuple(x.shape[1:])
-            if key not in self._extractors:
-                self._extractors[key] = self._extractor(x)
-            features = list(self._extractors[key](x))
+        features = list(self.stages(x) if callable(self.stages) else self._cached_extractor(x)(x))
         if not features or any(not isinstance(a, Tensor) or a.dim() != 4 or a.shape[0] != x.shape[0]
                                for a in features):
             raise ValueError(f"the stage features of {type(self.model).__name__} must be a non-empty list of "
                              f"(B={x.shape[0]}, C, h, w) tensors, got "
                              f"{[tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in features]}")
         return features
+
+    @torch.compiler.disable  # a cache filled while tracing would make torch.compile guard on it and recompile
+    def _cached_extractor(self, x: Tensor) -> FeatureFn:
+        """The extractor for inputs shaped like ``x``, built on first use."""
+        key = tuple(x.shape[1:])
+        if key not in self._extractors:
+            self._extractors[key] = self._extractor(x)
+        return self._extractors[key]
 
     def _extractor(self, x: Tensor) -> FeatureFn:
         if self.stages is not None:

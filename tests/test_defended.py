@@ -159,6 +159,10 @@ def test_purifier_and_classifier_channel_mismatch_names_both_counts():
     assert input_channels(rgb) == 3 and input_channels(_ddim_purifier()) == 1
     with pytest.raises(ValueError, match="purifier outputs 1-channel images but the classifier takes 3"):
         DefendedModel(_ddim_purifier(), rgb)
+    to_rgb = nn.Sequential(v2.RGB(), v2.Normalize([0.5] * 3, [0.25] * 3), rgb)  # grey in, RGB to the network
+    assert input_channels(to_rgb) is None and input_channels(nn.Sequential(v2.Normalize([0.5], [0.25]), rgb)) == 3
+    defended = DefendedModel(_ddim_purifier(), to_rgb.eval(), normalize=None)
+    assert defended(torch.rand(2, 1, 16, 16)).shape == (2, 10)
 
 
 def test_a_saliency_purifier_sharing_a_normalised_classifier_is_refused():

@@ -98,9 +98,11 @@ def test_the_exif_orientation_is_applied(tmp_path):
     (["in", "--out", "o", "--purifier", "resnet"], "unknown purifier 'resnet'"),
     (["in", "--out", "o", "--purifier", "none"], "--purifier none purifies nothing"),
     (["in", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["in", "--out", "o", "--device", "cuda"], "--device cuda: CUDA is not available"),
 ])
 def test_bad_arguments(tmp_path, images, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "a.txt").write_text("not an image")
     assert main(["purify", *args, "--no-progress"]) == 2
     assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The purifier runtime: frozen networks, per-sample seeded streams, CPU/CUDA noise, torch.compile, NFE counting."""
 
 import threading
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -10,8 +11,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from purifytf import DefendedModel, DiffPurify, IMPurify, OracleBackbone, Purifier, SaliencyDiffPurify, SSNIPurify
+from purifytf import (
+    DefendedModel,
+    DiffPurify,
+    IMPurify,
+    OracleBackbone,
+    Purifier,
+    SaliencyDiffPurify,
+    SSNIPurify,
+    pretrained,
+)
 from purifytf.base import trainable
+from purifytf.evaluation import load_dataset
 from purifytf.nfe import count_nfe, record_nfe
 from purifytf.purifiers.classic import RandomResizePadPurify
 from purifytf.random import SampleStreams, rand_like, randn_like, stream_seed
@@ -327,6 +338,36 @@ def test_compile_matches_eager_with_few_graphs_and_no_recompiles(refs, name):
     assert all(torch.equal(out, eager) for out in (first, *later))
     assert graphs <= 6 and graphs_after == graphs  # later calls of the same shape compile nothing
     assert purifier.last_nfe == nfe and count == 2 * nfe  # exact in compiled code
+
+
+def test_compiled_saliency_purifier_compiles_nothing_on_later_calls(refs):
+    """Its stage extractor is cached on the first call: a cache filled while tracing made Dynamo guard on it and
+    recompile on the second call."""
+    purifier = stochastic(refs)["saliency"]
+    x = torch.rand(2, 1, 8, 8, generator=gen(1))
+    eager = purifier(x)
+    first, later, graphs, graphs_after, _ = compiled_run(purifier, x)
+    assert all(torch.equal(out, eager) for out in (first, *later)) and graphs_after == graphs
+
+
+def test_half_weights_are_refused_and_autocast_keeps_the_maths_in_float32(refs):
+    purifier = stochastic(refs)["diffpure-ddpm"]
+    with pytest.raises(TypeError, match=r"torch.float16 weights.*torch.autocast"):
+        deepcopy(purifier).half()(torch.rand(1, 1, 8, 8))
+    ssni = pretrained.ssni_purify(pretrained=True, seed=0)  # a real UNet: autocast makes its eps bfloat16
+    slice_ = load_dataset("bundled:fashion-mnist")
+    x = torch.stack([slice_[i][0] for i in range(2)])
+    reference = ssni(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ssni(x)  # 1 - abar(1) rounded to 0 in bfloat16 once gave an infinite score and a NaN level
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - reference).abs().mean() < 0.05
+
+
+def test_repr_shows_seed_and_checkpoint(refs):
+    seeded, plain = DiffPurify(OracleBackbone(refs), seed=3, checkpoint=True), DiffPurify(OracleBackbone(refs))
+    assert "seed=3, checkpoint=True" in repr(seeded) and "seed" not in repr(plain)
+    assert "tau=None (the calibrated std" in repr(pretrained.ssni_purify(pretrained=True))
 
 
 def test_compiled_graph_count_does_not_grow_with_the_steps(refs):

@@ -111,7 +111,7 @@ class JPEGPurify(Purifier):
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return jpeg(x, self.quality, self.codec)
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         return f"quality={self.quality}, codec={self.codec!r}"
 
 
@@ -156,7 +156,7 @@ class BlurPurify(Purifier):
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return blur(x, self.kind, self.kernel_size, self.sigma)
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         sigma = f", sigma={self.sigma}" if self.kind == "gaussian" else ""
         return f"kind={self.kind!r}, kernel_size={self.kernel_size}{sigma}"
 
@@ -186,7 +186,7 @@ class BitDepthPurify(Purifier):
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return reduce_bit_depth(x, self.bits)
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         return f"bits={self.bits}"
 
 
@@ -249,5 +249,5 @@ class RandomResizePadPurify(Purifier):
     def _purify(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return random_resize_pad(x, self.max_scale, self.fill, generator)
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         return f"max_scale={self.max_scale}, fill={self.fill}"

@@ -72,5 +72,5 @@ class DiffPurify(DiffusionPurifier):
         randn = functools.partial(randn_like, generator=generator)
         return ddim_sample(self.schedule, self.eps, x_t, grid, eta=_SAMPLER_ETA[self.sampler], randn=randn)
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         return f"t_star={self.t_star}, steps={self.num_steps}, sampler={self.sampler!r}"

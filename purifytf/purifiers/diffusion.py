@@ -98,12 +98,13 @@ class DiffusionPurifier(Purifier):
                              f"({self.backbone.max_t / T:g} of T)")
 
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """One counted network call: ``x_t`` (B,C,H,W) in [-1, 1], ``t`` (B,) steps -> eps."""
+        """One counted network call: ``x_t`` (B,C,H,W) in [-1, 1], ``t`` (B,) steps -> eps in ``x_t``'s dtype
+        (under autocast the network computes in bf16/fp16; the sampler and the score stay in float32)."""
         record_nfe()
         net_t = t.to(x_t.dtype) if t.is_floating_point() else t
         if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint_call(self.backbone, x_t, net_t, use_reentrant=False)
-        return self.backbone(x_t, net_t)
+            return checkpoint_call(self.backbone, x_t, net_t, use_reentrant=False).to(x_t.dtype)
+        return self.backbone(x_t, net_t).to(x_t.dtype)
 
     def expected_score(self, x: Tensor, num_steps: int, generator: torch.Generator | None) -> Tensor:
         """Expected perturbation score (B,C,H,W) of ``x`` in model space over levels ``1..num_steps`` (NFE

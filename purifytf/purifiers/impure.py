@@ -63,5 +63,5 @@ class IMPurify(Purifier):
         steps = self.network.schedule.num_steps
         return self.network(x, generator, image_t=round(self.image_t * steps), feature_t=round(self.feature_t * steps))
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         return f"image_t={self.image_t}, feature_t={self.feature_t}"

@@ -239,6 +239,6 @@ class SaliencyDiffPurify(DiffusionPurifier):
         randn = functools.partial(randn_like, generator=generator)
         return heterogeneous_ddim(self.schedule, self.eps, x, t_map, grid, stage1, self.resample_steps, randn)
 
-    def extra_repr(self) -> str:
+    def _settings_repr(self) -> str:
         return (f"t_l={self.t_l}, t_s={self.t_s}, mask={self.mask!r}, threshold={self.threshold}, "
                 f"fraction={self.fraction}, resample_steps={self.resample_steps}, steps={self.num_steps}")
