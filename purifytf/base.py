@@ -30,7 +30,7 @@ from .inputs import check_images
 from .nfe import total_nfe
 from .random import SampleStreams, Source
 
-__all__ = ["Purifier", "clamp01", "freeze", "trainable"]
+__all__ = ["Purifier", "clamp01", "freeze", "input_channels", "trainable"]
 
 
 def clamp01(x: Tensor) -> Tensor:
@@ -231,3 +231,20 @@ def trainable(module: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(flag)
         for submodule, mode in zip(module.modules(), modes, strict=True):
             submodule.training = mode
+
+
+def input_channels(module: nn.Module | None) -> int | None:
+    """Image channels ``module`` takes: a purifier's ``in_channels``, else the ``in_channels`` of its first
+    2-D convolution (timm, torchvision and most CNNs); ``None`` when unknown (any channel count), as for an
+    ``nn.Sequential`` that converts channels before its first convolution (``v2.RGB()``, ``v2.Grayscale()``)."""
+    if module is None:
+        return None
+    if isinstance(module, Purifier):
+        return module.in_channels
+    if isinstance(module, (v2.RGB, v2.Grayscale)):
+        return None
+    if isinstance(module, nn.Sequential):
+        first = next((m for m in module if isinstance(m, (v2.RGB, v2.Grayscale, Purifier))
+                      or any(isinstance(sub, nn.Conv2d) for sub in m.modules())), None)
+        return input_channels(first)
+    return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import v2
 
-from .base import Purifier
+from .base import input_channels
 from .functional import straight_through
 
 __all__ = ["DefendedModel", "adapt_normalization", "input_channels", "resolve_normalization"]
@@ -49,23 +48,6 @@ def resolve_normalization(classifier: nn.Module, normalize) -> Normalization | N
     if len(mean) != len(std) or min(std) <= 0:
         raise ValueError(f"normalize needs a mean and a positive std per channel, got {normalize!r}")
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def input_channels(module: nn.Module | None) -> int | None:
-    """Image channels ``module`` takes: a purifier's ``in_channels``, else the ``in_channels`` of its first
-    2-D convolution (timm, torchvision and most CNNs); ``None`` when unknown (any channel count), as for an
-    ``nn.Sequential`` that converts channels before its first convolution (``v2.RGB()``, ``v2.Grayscale()``)."""
-    if module is None:
-        return None
-    if isinstance(module, Purifier):
-        return module.in_channels
-    if isinstance(module, (v2.RGB, v2.Grayscale)):
-        return None
-    if isinstance(module, nn.Sequential):
-        first = next((m for m in module if isinstance(m, (v2.RGB, v2.Grayscale, Purifier))
-                      or any(isinstance(sub, nn.Conv2d) for sub in m.modules())), None)
-        return input_channels(first)
-    return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def adapt_normalization(normalization: Normalization | None, channels: int | None) -> Normalization | None:

@@ -163,6 +163,9 @@ def test_argument_errors(oracle, images):
         SaliencyDiffPurify(oracle, clf, mask="soft")
     with pytest.raises(TypeError, match="nn.Module"):
         SaliencyDiffPurify(oracle, lambda x: x)
+    grey = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())  # the oracle purifies 3-channel images
+    with pytest.raises(ValueError, match="classifier takes 1-channel images but the backbone purifies 3-channel"):
+        SaliencyDiffPurify(oracle, grey)
     with pytest.raises(ValueError, match="mask must have shape"):
         SaliencyDiffPurify(oracle, clf).denoise(images, None, mask=torch.ones(2, 3, SIZE, SIZE))
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 10))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..base import input_channels
 from ..diffusion.backbones import Backbone
 from ..diffusion.samplers import EpsFn, ddim_sample, timestep_grid
 from ..diffusion.schedule import NoiseSchedule
@@ -161,6 +162,9 @@ class SaliencyDiffPurify(DiffusionPurifier):
             raise ValueError(f"threshold and fraction must lie in [0, 1], got {threshold}, {fraction}")
         if resample_steps < 0 or spacing < 1:
             raise ValueError(f"need resample_steps >= 0 and spacing >= 1, got {resample_steps}, {spacing}")
+        if input_channels(classifier) not in (None, self.in_channels):
+            raise ValueError(f"the classifier takes {input_channels(classifier)}-channel images but the backbone "
+                             f"purifies {self.in_channels}-channel ones: the saliency reads the purifier's input")
         self.classifier = classifier
         self.t_l, self.t_s = t_l, t_s
         self.mask = mask
