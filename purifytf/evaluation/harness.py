@@ -119,7 +119,8 @@ def load_records(output: str | Path, places: dict[int, list[int]] | None = None)
 
     ``places``: index -> ``[first index, position, size]`` of the batch the image falls in now; a record made in
     another batch (an extended run's earlier partial batch: other noise, other batch-mates) is then left out.
-    Records older than the ``batch`` field are taken as they are.
+    Without ``places`` an image recorded in two batches gives its first record (:func:`evaluate` and its summary
+    use the run's own batches). Records older than the ``batch`` field are taken as they are.
     """
     records: dict[int, dict] = {}
     for path in _records_files(Path(output)):
