@@ -54,7 +54,7 @@ from purifytf.attacks import AttackSettings, parse_attacks
 from purifytf.classifiers import fashion_mnist_cnn
 from purifytf.data import FASHION_MNIST_IDX, fashion_mnist
 from purifytf.evaluation import default_device, distributed, evaluate, load_dataset, load_records
-from purifytf.evaluation.harness import RUN_FILE
+from purifytf.evaluation.harness import RUN_FILE, batch_places
 from purifytf.evaluation.stats import paired_comparison, wilson_interval
 from purifytf.nfe import count_nfe
 from purifytf.saliency import find_stages
@@ -200,12 +200,13 @@ def _nfe(purifier: nn.Module | None, sample: torch.Tensor) -> int:
 
 
 def _resolved(purifier: nn.Module | None) -> str | None:
-    """The purifier's resolved hyper-parameters (its ``extra_repr``, and its base's for SSNI), recorded beside the
-    row's records so that a changed shipped default refuses old records instead of silently reusing them."""
+    """The purifier's resolved hyper-parameters (its settings as ``repr`` shows them, and its base's for SSNI),
+    recorded beside the row's records so that a changed shipped default refuses old records instead of silently
+    reusing them."""
     if purifier is None:
         return None
     base = getattr(purifier, "base", None)
-    return purifier.extra_repr() + (f"; base: {base.extra_repr()}" if base is not None else "")
+    return purifier._settings_repr() + (f"; base: {base._settings_repr()}" if base is not None else "")
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -267,7 +268,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
                   "purifier_weights": None if purifier is None else weights_digest(purifier)}
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
                  batch_size=budget.batch_size, config=config, progress=progress, run_missing=attack)
-        found = load_records(folder)
+        found = load_records(folder, batch_places(indices, budget.batch_size))
         if all(i in found for i in indices):
             outcomes.append([found[i] for i in indices])
             counted.append(overrides)

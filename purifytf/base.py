@@ -167,18 +167,19 @@ class Purifier(
         """Device of the model's tensors, and float64 if the model was made double, else float32; a model
         without tensors works on the batch's device, in float64 for float64 input (exact gradients).
 
-        Low-precision weights (``.half()``, ``.bfloat16()``) are refused: the purification maths run in float32,
-        and ``torch.autocast`` gives bf16/fp16 network calls.
+        Low-precision weights (``.half()``, ``.bfloat16()``) run only under ``torch.autocast`` (bf16/fp16 network
+        calls; the purification maths stay float32); without it they are refused.
         """
         schedules = {id(b) for m in self.modules() if isinstance(m, NoiseSchedule) for b in m.buffers()}
         tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
         if not tensors:
             return batch.device, torch.float64 if batch.dtype == torch.float64 else torch.float32
         weights = [t for t in tensors if id(t) not in schedules] or tensors
-        if weights[0].dtype in (torch.float16, torch.bfloat16):
-            raise TypeError(f"{type(self).__name__} holds {weights[0].dtype} weights: purification runs float32 maths "
-                            f"(float64 after .double()); keep float32 weights and call it under torch.autocast("
-                            f"device_type, dtype={weights[0].dtype}) for low-precision network calls")
+        low = weights[0].dtype if weights[0].dtype in (torch.float16, torch.bfloat16) else None
+        if low and not torch.is_autocast_enabled(tensors[0].device.type):
+            raise TypeError(f"{type(self).__name__} holds {low} weights: purification runs float32 maths (float64 "
+                            f"after .double()); call it under torch.autocast(device_type, dtype={low}) for "
+                            f"low-precision network calls, or keep float32 weights")
         return tensors[0].device, torch.float64 if weights[0].dtype == torch.float64 else torch.float32
 
     def _needs_transform_list(self, flat_inputs: list) -> list[bool]:
@@ -233,18 +234,23 @@ def trainable(module: nn.Module) -> Iterator[nn.Module]:
             submodule.training = mode
 
 
+_KEEP_CHANNELS = (v2.Normalize, v2.Resize, v2.CenterCrop, v2.ToDtype, nn.Identity)
+
+
 def input_channels(module: nn.Module | None) -> int | None:
     """Image channels ``module`` takes: a purifier's ``in_channels``, else the ``in_channels`` of its first
     2-D convolution (timm, torchvision and most CNNs); ``None`` when unknown (any channel count), as for an
-    ``nn.Sequential`` that converts channels before its first convolution (``v2.RGB()``, ``v2.Grayscale()``)."""
+    ``nn.Sequential`` with a step before its first convolution that may change them (``v2.RGB()``, a custom
+    module; ``v2.Normalize``, ``v2.Resize``, ``v2.CenterCrop``, ``v2.ToDtype`` and ``nn.Identity`` keep them)."""
     if module is None:
         return None
     if isinstance(module, Purifier):
         return module.in_channels
-    if isinstance(module, (v2.RGB, v2.Grayscale)):
+    if isinstance(module, nn.Sequential):  # through the steps known to keep the channels, to the first network
+        for step in module:
+            if isinstance(step, Purifier) or any(isinstance(m, nn.Conv2d) for m in step.modules()):
+                return input_channels(step)
+            if not isinstance(step, _KEEP_CHANNELS):
+                return None
         return None
-    if isinstance(module, nn.Sequential):
-        first = next((m for m in module if isinstance(m, (v2.RGB, v2.Grayscale, Purifier))
-                      or any(isinstance(sub, nn.Conv2d) for sub in m.modules())), None)
-        return input_channels(first)
     return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)

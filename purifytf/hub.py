@@ -453,7 +453,7 @@ register_weights(Weights(
     },
     purifier_settings={"diffpure": {"t_star": 0.15},  # ALGORITHMS.md: the papers' ImageNet settings
                        "saliency_diffpure": {"t_l": 0.4, "t_s": 0.2, "mask": "topk", "fraction": 0.15,
-                                             "resample_steps": 3, "spacing": 2},  # the reference's ~100 NFE
+                                             "resample_steps": 3, "spacing": 2},  # the reference's grid: 200 NFE
                        "ssni": {"eps_steps": 50}},
     card={"datasets": ["imagenet-1k"], "license": "mit", "paper": "https://arxiv.org/abs/2105.05233",
           "description": "guided-diffusion (Dhariwal & Nichol, 2021) unconditional ImageNet 256x256 UNet with "

@@ -147,13 +147,14 @@ def find_stages(model: nn.Module, x: Tensor, num_stages: int = 4) -> list[str]:
 
 def _stage_candidates(module: nn.Module, prefix: str, sizes: dict, order: dict) -> list[str]:
     """The submodules :func:`find_stages` chooses from: ``module``'s recorded children, and the children of
-    those whose own children form a pipeline, recursively."""
+    those whose own children form a pipeline or that return no map themselves (an ``nn.ModuleList``, an encoder
+    returning a dict), recursively."""
     names = []
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
         areas = [sizes[k][0] * sizes[k][1] for k in sorted(
             (f"{name}.{c}" for c, _ in child.named_children() if f"{name}.{c}" in sizes), key=order.__getitem__)]
-        if len(set(areas)) > 1 and all(a >= b for a, b in itertools.pairwise(areas)):
+        if name not in sizes or (len(set(areas)) > 1 and all(a >= b for a, b in itertools.pairwise(areas))):
             names += _stage_candidates(child, f"{name}.", sizes, order)
         if name in sizes:
             names.append(name)

@@ -161,6 +161,7 @@ def test_purifier_and_classifier_channel_mismatch_names_both_counts():
         DefendedModel(_ddim_purifier(), rgb)
     to_rgb = nn.Sequential(v2.RGB(), v2.Normalize([0.5] * 3, [0.25] * 3), rgb)  # grey in, RGB to the network
     assert input_channels(to_rgb) is None and input_channels(nn.Sequential(v2.Normalize([0.5], [0.25]), rgb)) == 3
+    assert input_channels(nn.Sequential(nn.Sequential(v2.RGB()), rgb)) is None  # a step that may change them
     defended = DefendedModel(_ddim_purifier(), to_rgb.eval(), normalize=None)
     assert defended(torch.rand(2, 1, 16, 16)).shape == (2, 10)
 

@@ -163,7 +163,7 @@ def test_more_images_extend_a_run_as_a_fresh_run_but_another_configuration_is_re
     assert load_records(out)[2]["batch"] == [2, 0, 1]
     assert main([*setup, "--output", str(out)]) == 0
     assert main([*setup, "--output", str(tmp_path / "fresh")]) == 0
-    places = harness._places([[0, 1], [2, 3], [4, 5]])
+    places = harness.batch_places(range(6), 2)
     extended, fresh = load_records(out, places), load_records(tmp_path / "fresh")
     assert extended[2]["batch"] == [2, 0, 2] and comparable(extended) == comparable(fresh)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (out, tmp_path / "fresh")]
@@ -366,6 +366,12 @@ def test_model_info_threat_model_and_eps():
     assert "external" not in info and "no attack on the defence itself" in info["footnote"]
     bpda = {**transfer, "robust_accuracy": {"pgd-eot-linf@bpda": 0.5}, "robust_accuracy_by_threat_model": {"Linf": 0.5}}
     assert model_info(bpda, "m", "cifar10")["external"] == "50.00"
+    mixed = {**summary, "robust_accuracy": {"pgd-eot-l2": 0.5, "fgsm@transfer": 1.0},
+             "robust_accuracy_by_threat_model": {"L2": 0.5, "Linf": 0.75}}  # the adaptive attack decides: L2
+    assert (model_info(mixed, "m", "cifar10")["threat_model"], model_info(mixed, "m", "cifar10")["external"]) == (
+        "L2", "50.00")
+    assert "footnote" not in model_info({**summary, "robust_accuracy": {"cw": 0.0},
+                                         "robust_accuracy_by_threat_model": {}}, "m", "cifar10")
 
 
 @pytest.mark.parametrize("normalize", ["none", "0.5:0.25"])

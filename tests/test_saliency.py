@@ -128,6 +128,31 @@ def test_stages_are_whole_blocks_not_the_layers_before_a_stride(name, expected):
     assert find_stages(net, torch.rand(1, 3, size, size)) == expected
 
 
+def test_containers_without_a_map_of_their_own_are_opened():
+    """A ModuleList of stages, or an encoder returning a dict, is looked into (it has no 4-D output to stand for)."""
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+                                         nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))])
+
+        def forward(self, x):
+            for stage in self.stages:
+                x = stage(x)
+            return {"features": x}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = Encoder(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.encoder(x)["features"].mean((2, 3)))
+
+    assert find_stages(Net(), torch.rand(1, 3, 16, 16)) == ["encoder.stages.0.1", "encoder.stages.1.1",
+                                                            "encoder.stages.1"]
+
+
 def test_small_cnn_stages_open_up_its_conv_conv_pool_pipelines():
     """The bundled classifier's stages (the study's saliency masks depend on them)."""
     from purifytf.models import AllConvNet, SmallCNN

@@ -34,7 +34,7 @@ from ..nfe import count_nfe
 from ..random import stream_seed
 from .report import threat_model
 
-__all__ = ["evaluate", "evaluate_batch", "judge_seed", "load_records", "summarize", "summary_markdown"]
+__all__ = ["batch_places", "evaluate", "evaluate_batch", "judge_seed", "load_records", "summarize", "summary_markdown"]
 
 RUN_FILE = "run.json"
 
@@ -229,8 +229,8 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
                   "batch_size": batch_size, "runs": defended.runs, "vote": defended.vote,
                   "normalization": defended.normalization}
     _check_run_config(output, run_config, rank)
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    done = load_records(output, _places(batches))
+    batches = _batches(indices, batch_size)
+    done = load_records(output, batch_places(indices, batch_size))
     _barrier()  # every rank has read the same finished set before any rank adds to it
     mine = [b for b in batches if run_missing and any(i not in done for i in b)][rank::world]
     new = _evaluate_batches(defended, dataset, mine, done, attacks, settings, seed, output, rank, progress)
@@ -249,9 +249,15 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
     return summary
 
 
-def _places(batches: list[list[int]]) -> dict[int, list[int]]:
-    """index -> [first index of its batch, its position there, the batch's size] (the record's ``batch``)."""
-    return {i: [batch[0], position, len(batch)] for batch in batches for position, i in enumerate(batch)}
+def _batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
+def batch_places(indices: Sequence[int], batch_size: int) -> dict[int, list[int]]:
+    """index -> ``[first index of its batch, its position there, the batch's size]`` (a record's ``batch``) when
+    ``indices`` are evaluated in batches of ``batch_size``; for :func:`load_records`."""
+    return {i: [batch[0], position, len(batch)] for batch in _batches(indices, batch_size)
+            for position, i in enumerate(batch)}
 
 
 def _labelled(dataset: Dataset, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,8 +281,8 @@ def _evaluate_batches(defended: DefendedModel, dataset: Dataset, batches: list[l
         for batch in batches:
             images, labels = _labelled(dataset, batch)
             results = evaluate_batch(defended, images, labels, attacks, settings, seed + batch[0])
-            new = [{"index": i, "batch": place, **r} for (i, place), r in zip(_places([batch]).items(), results,
-                                                                              strict=True) if i not in done]
+            new = [{"index": i, "batch": place, **r} for (i, place), r in zip(batch_places(batch, len(batch)).items(),
+                                                                              results, strict=True) if i not in done]
             file.write("".join(json.dumps(record) + "\n" for record in new))
             file.flush()
             os.fsync(file.fileno())

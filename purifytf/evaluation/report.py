@@ -38,6 +38,12 @@ def eps_text(eps: float) -> str:
     return f"{steps}/255" if steps and abs(steps / 255 - eps) < 1e-9 else f"{eps:g}"
 
 
+def _on_defence(attack: str) -> bool:
+    """Whether the attack ``METHOD[@VIEW]`` attacks the defence itself (adaptive or BPDA, not a transfer or
+    surrogate view)."""
+    return attack.partition("@")[2] in ("", "bpda")
+
+
 def _percent(accuracy: float) -> str:
     return f"{100 * accuracy:.2f}"
 
@@ -45,11 +51,12 @@ def _percent(accuracy: float) -> str:
 def model_info(summary: dict, name: str, dataset: str) -> dict:
     """RobustBench ``model_info`` entry of a :func:`~purifytf.evaluation.summarize` summary (see the module doc).
 
-    The threat model is Linf unless every bounded attack is L2.
+    The threat model is Linf unless every bounded attack on the defence itself (else every bounded attack) is L2.
     """
     config = summary["config"]
     minima = summary["robust_accuracy_by_threat_model"]
-    model = "L2" if set(minima) == {"L2"} else "Linf"
+    on_defence = {threat_model(a) for a in summary["robust_accuracy"] if _on_defence(a)} - {None}
+    model = "L2" if (on_defence or set(minima)) == {"L2"} else "Linf"
     settings = config["settings"]
     info = {"name": name, "dataset": dataset, "threat_model": model,
             "eps": eps_text(settings["eps_l2"] if model == "L2" else settings["eps"]),
@@ -57,11 +64,10 @@ def model_info(summary: dict, name: str, dataset: str) -> dict:
     if "autoattack-rand" in summary["robust_accuracy"] and model == "Linf":
         info["autoattack_acc"] = _percent(summary["robust_accuracy"]["autoattack-rand"])
     attacks = [a for a in summary["robust_accuracy"] if threat_model(a) == model]
-    adaptive = [a for a in attacks if a.partition("@")[2] in ("", "bpda")]  # attacks on the defence itself
-    if adaptive and attacks != ["autoattack-rand"] and model in minima:
+    if any(map(_on_defence, attacks)) and attacks != ["autoattack-rand"] and model in minima:
         info["external"] = _percent(minima[model])
         info["footnote"] = f"per-image minimum over {', '.join(attacks)} (adaptive evaluation, purifytf eval)"
-    elif not adaptive:
+    elif attacks and not any(map(_on_defence, attacks)):
         info["footnote"] = (f"{', '.join(attacks)}: no attack on the defence itself (adaptive or BPDA), so no robust "
                             "accuracy is reported (per-attack figures under purifytf; purifytf eval)")
     info["number_forward_passes"] = summary["passes_per_prediction"]

@@ -146,7 +146,7 @@ class DiffusionPurifier(Purifier):
         """
         if level_scale is None:
             return torch.full((batch,), round(base), device=device, dtype=torch.long)
-        t = (base * level_scale.to(device)).clamp(1, self.backbone.max_t - self.level_overshoot)
+        t = (base * level_scale.to(device)).clamp(1, max(1, self.backbone.max_t - self.level_overshoot))
         if level_scale.requires_grad:
             return straight_through(t.detach().round(), t)
         return t.round().long()

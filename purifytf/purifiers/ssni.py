@@ -240,7 +240,6 @@ class SSNIPurify(Purifier):
         return legacy_steps_to_fractions(config, ("bias",))
 
     def _settings_repr(self) -> str:
-        calibrated_tau = f" (the calibrated std, {self.stats['std']:.4g})" if self.tau is None and self.stats else ""
-        tau = f", tau={self.tau}{calibrated_tau}" if self.reweight == "sigmoid" else ""
+        tau = f", tau={self.tau}" if self.reweight == "sigmoid" else ""
         return (f"reweight={self.reweight!r}{tau}, bias={self.bias}, eps_steps={self.eps_steps}, "
                 f"score_grad={self.score_grad}, calibrated={self.stats is not None}")
