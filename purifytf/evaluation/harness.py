@@ -230,10 +230,11 @@ def evaluate(defended: DefendedModel, dataset: Dataset, attacks: Sequence[Attack
                   "normalization": defended.normalization}
     _check_run_config(output, run_config, rank)
     batches = _batches(indices, batch_size)
-    done = load_records(output, batch_places(indices, batch_size))
+    places = batch_places(indices, batch_size)
+    done = load_records(output, places)
     _barrier()  # every rank has read the same finished set before any rank adds to it
     mine = [b for b in batches if run_missing and any(i not in done for i in b)][rank::world]
-    new = _evaluate_batches(defended, dataset, mine, done, attacks, settings, seed, output, rank, progress)
+    new = _evaluate_batches(defended, dataset, mine, done, places, attacks, settings, seed, output, rank, progress)
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(new, gathered, dst=0)
@@ -270,8 +271,8 @@ def _labelled(dataset: Dataset, batch: list[int]) -> tuple[torch.Tensor, torch.T
 
 
 def _evaluate_batches(defended: DefendedModel, dataset: Dataset, batches: list[list[int]], done: dict,
-                      attacks: Sequence[Attack], settings: AttackSettings, seed: int, output: Path, rank: int,
-                      progress: bool) -> list[dict]:
+                      places: dict[int, list[int]], attacks: Sequence[Attack], settings: AttackSettings, seed: int,
+                      output: Path, rank: int, progress: bool) -> list[dict]:
     records: list[dict] = []
     if not batches:
         return records
@@ -281,8 +282,7 @@ def _evaluate_batches(defended: DefendedModel, dataset: Dataset, batches: list[l
         for batch in batches:
             images, labels = _labelled(dataset, batch)
             results = evaluate_batch(defended, images, labels, attacks, settings, seed + batch[0])
-            new = [{"index": i, "batch": place, **r} for (i, place), r in zip(batch_places(batch, len(batch)).items(),
-                                                                              results, strict=True) if i not in done]
+            new = [{"index": i, "batch": places[i], **r} for i, r in zip(batch, results, strict=True) if i not in done]
             file.write("".join(json.dumps(record) + "\n" for record in new))
             file.flush()
             os.fsync(file.fileno())

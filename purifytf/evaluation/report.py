@@ -64,10 +64,11 @@ def model_info(summary: dict, name: str, dataset: str) -> dict:
     if "autoattack-rand" in summary["robust_accuracy"] and model == "Linf":
         info["autoattack_acc"] = _percent(summary["robust_accuracy"]["autoattack-rand"])
     attacks = [a for a in summary["robust_accuracy"] if threat_model(a) == model]
-    if any(map(_on_defence, attacks)) and attacks != ["autoattack-rand"] and model in minima:
+    on_the_defence = any(map(_on_defence, attacks))
+    if on_the_defence and attacks != ["autoattack-rand"] and model in minima:
         info["external"] = _percent(minima[model])
         info["footnote"] = f"per-image minimum over {', '.join(attacks)} (adaptive evaluation, purifytf eval)"
-    elif attacks and not any(map(_on_defence, attacks)):
+    elif attacks and not on_the_defence:
         info["footnote"] = (f"{', '.join(attacks)}: no attack on the defence itself (adaptive or BPDA), so no robust "
                             "accuracy is reported (per-attack figures under purifytf; purifytf eval)")
     info["number_forward_passes"] = summary["passes_per_prediction"]
