@@ -195,7 +195,8 @@ def train_impure(args, out: Path) -> None:
                                ("finetune", args.impure_finetune_steps, perceptual)):
         config = TrainConfig(stage=stage, steps=steps, batch_size=args.impure_batch_size, lr=args.impure_lr,
                              warmup_steps=min(100, steps // 10), seed=args.seed, checkpoint_every=200,
-                             attack_eps=8 / 255, attack_steps=5)
+                             attack_eps=8 / 255, attack_steps=5, attack_target=args.impure_attack_target,
+                             adv_fraction=args.impure_adv_fraction)
         trainer = IMPureTrainer(purifier, data, config, classifier=classifier, perceptual=loss)
         if (args.resume or args.impure_export) and (work / stage / STATE_FILE).exists():
             trainer.load(work / stage)
@@ -207,6 +208,7 @@ def train_impure(args, out: Path) -> None:
     purifier.save_pretrained(out / "impure")
     record_impure(args, out, sum(s["seconds"] for s in sittings), sittings=sittings, **done,
                   init=str(args.impure_init) if args.impure_init else None, lr=args.impure_lr,
+                  attack_target=args.impure_attack_target, adv_fraction=args.impure_adv_fraction,
                   image_t=args.impure_image_t, feature_t=args.impure_feature_t, overrides=impure_overrides(args))
     if args.impure_checkpoints is None and done.get("finetune_steps") == args.impure_finetune_steps:
         shutil.rmtree(work)
@@ -294,6 +296,9 @@ def main() -> None:
     parser.add_argument("--impure-train-image-t", type=float, nargs=2, default=[0.0, 0.3], help="training [lo, hi)")
     parser.add_argument("--impure-train-feature-t", type=float, nargs=2, default=[0.0, 0.6])
     parser.add_argument("--impure-lr", type=float, default=5e-4)
+    parser.add_argument("--impure-attack-target", default="classifier", choices=["classifier", "defence"],
+                        help="fine-tuning's PGD: on the bare classifier (the paper's) or through IMPurify (adaptive)")
+    parser.add_argument("--impure-adv-fraction", type=float, default=0.5, help="fine-tuning's share of PGD inputs")
     parser.add_argument("--impure-batch-size", type=int, default=64)
     parser.add_argument("--impure-architecture", type=field_value, nargs="+", default=[], metavar="FIELD=VALUE",
                         help="MAEConfig fields replacing the tiny preset's, e.g. patch_size=2 depth=6 (JSON values)")

@@ -11,6 +11,7 @@ import torch
 from test_impure import SMALL
 from torch import nn
 
+from purifytf.base import Purifier
 from purifytf.data import ImageFolderData, to_images
 from purifytf.purifiers.impure import IMPurify
 from purifytf.train import ArrayData, FeatureLoss, IMPureTrainer, TrainConfig, cli, open_data, patch_mix, pgd_attack
@@ -45,21 +46,22 @@ def test_overfits_a_tiny_batch():
     assert last < 0.5 * first
 
 
-def finetune_trainer(purifier, data) -> IMPureTrainer:
+def finetune_trainer(purifier, data, attack_target="classifier") -> IMPureTrainer:
     config = TrainConfig(stage="finetune", steps=4, batch_size=2, lr=1e-3, warmup_steps=2, attack_steps=2,
-                         checkpoint_every=2)
+                         checkpoint_every=2, attack_target=attack_target)
     clf = classifier()
     return IMPureTrainer(purifier, data, config, classifier=clf, perceptual=FeatureLoss(clf, {"": 1.0, "2": 0.5}))
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("attack_target", ["classifier", "defence"])
+def test_resume_repeats_the_uninterrupted_run(tmp_path, attack_target):
     data = ArrayData(waves(6), torch.tensor([0, 1, 2, -1, 0, 1]))
-    straight = finetune_trainer(small(), data)
+    straight = finetune_trainer(small(), data, attack_target)
     history = straight.fit(progress=False)
     assert set(history[0]) == {"pixel", "perceptual"}
 
-    finetune_trainer(small(), data).fit(tmp_path, stop=2, progress=False)
-    resumed = finetune_trainer(small(seed=5), data)
+    finetune_trainer(small(), data, attack_target).fit(tmp_path, stop=2, progress=False)
+    resumed = finetune_trainer(small(seed=5), data, attack_target)
     resumed.load(tmp_path)
     assert resumed.step == 2
     assert resumed.fit(progress=False) == history[2:]
@@ -69,7 +71,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     assert state["step"] == 2 and state["config"]["stage"] == "finetune"
     IMPurify.from_pretrained(tmp_path)  # strict
-    other = finetune_trainer(small(), data)
+    other = finetune_trainer(small(), data, attack_target)
     other.perceptual = FeatureLoss(other.classifier, {"": 1.0})  # another perceptual loss: refused, not mixed in
     with pytest.raises(ValueError, match="perceptual: .*in the checkpoint"):
         other.load(tmp_path)
@@ -90,6 +92,35 @@ def test_pgd_stays_in_budget_and_raises_the_loss():
     assert (adv - x).abs().max() <= 0.05 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
     loss = nn.functional.cross_entropy
     assert loss(clf(adv), y) > loss(clf(x), y)
+
+
+class Inverted(Purifier):
+    """``1 - x``: a purifier whose input gradient is the classifier's, negated."""
+
+    def _purify(self, x, generator):
+        return 1 - x
+
+
+def test_pgd_through_the_purifier_attacks_the_defence_not_the_bare_classifier():
+    clf, x, y = classifier(), waves(), torch.tensor([0, 1, 2, 0])
+    purifier = Inverted()
+    def loss(images):
+        return nn.functional.cross_entropy(clf(purifier(images)), y).item()
+    adaptive = pgd_attack(clf, x, y, gen(), eps=0.05, steps=5, purifier=purifier)
+    transfer = pgd_attack(clf, x, y, gen(), eps=0.05, steps=5)
+    assert (adaptive - x).abs().max() <= 0.05 + 1e-6
+    assert loss(transfer) < loss(x) < loss(adaptive)
+    with pytest.raises(ValueError, match="attack_target"):
+        TrainConfig(attack_target="purifier")
+
+
+def test_defence_attack_draws_the_purifier_noise_from_the_step_generator():
+    clf, x, y = classifier(), waves(), torch.tensor([0, 1, 2, 0])
+    purifier = small()
+    first = pgd_attack(clf, x, y, gen(3), eps=0.05, steps=2, purifier=purifier)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(first, pgd_attack(clf, x, y, gen(3), eps=0.05, steps=2, purifier=purifier))
+    assert not torch.equal(first, pgd_attack(clf, x, y, gen(4), eps=0.05, steps=2, purifier=purifier))
 
 
 def test_patch_mix_takes_a_fraction_of_whole_patches_from_the_input():

@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="share of adversarial inputs per batch")
     adv.add_argument("--attack-eps", type=float, default=_DEFAULTS.attack_eps, help="PGD L-inf budget")
     adv.add_argument("--attack-steps", type=int, default=_DEFAULTS.attack_steps)
+    adv.add_argument("--attack-target", default=_DEFAULTS.attack_target, choices=["classifier", "defence"],
+                     help="PGD on the bare classifier (the paper's) or through the purifier being trained (adaptive)")
     adv.add_argument("--perceptual", default="classifier", choices=["classifier", "vgg19_bn", "none"],
                      help="perceptual network: the classifier's features, VGG19-BN (RGB, needs its weights), none")
     adv.add_argument("--perceptual-layers", default="=1",

@@ -3,7 +3,9 @@
 * Stage 1, ``"pretrain"``: masked reconstruction of clean images, L1 loss.
 * Stage 2, ``"finetune"``: (adversarial or clean input, clean target) pairs, the adversarial
   examples made on the fly against the target classifier (:func:`pgd_attack` or any attack
-  callable); L1 pixel loss plus a perceptual L1 (:class:`FeatureLoss`) between the features of
+  callable; the paper's), or with ``attack_target="defence"`` against the classifier behind the
+  purifier being trained (the evaluation's adaptive attack: exact gradients through the network at its
+  inference noise; not in the paper); L1 pixel loss plus a perceptual L1 (:class:`FeatureLoss`) between the features of
   ``x_in * (1 - M) + pred * M`` (:func:`patch_mix`) and of the clean image.
 
 AdamW (0.9, 0.95), weight decay 0.05 (not on biases and norms), lr ``1e-4 * batch / 256`` with
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..attacks import pgd_eot
+from ..base import Purifier
 from ..data import NO_LABEL
 from ..purifiers.impure import IMPurify
 from ..random import rand_like
@@ -55,19 +58,31 @@ class TrainConfig(OptimConfig):
     adv_fraction: float = 0.5
     attack_eps: float = 8 / 255
     attack_steps: int = 10
+    attack_target: str = "classifier"
+    """``"classifier"``: PGD on the bare classifier (the paper's); ``"defence"``: through the purifier as well."""
 
     def __post_init__(self):
         if self.stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.attack_target not in ("classifier", "defence"):
+            raise ValueError(f"attack_target must be 'classifier' or 'defence', got {self.attack_target!r}")
         if not 0 <= self.adv_fraction <= 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
 
 
 def pgd_attack(classifier: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-               eps: float = 8 / 255, steps: int = 10) -> Tensor:
+               eps: float = 8 / 255, steps: int = 10, purifier: Purifier | None = None) -> Tensor:
     """The recipe's attack: L-inf PGD (:func:`purifytf.attacks.pgd_eot`) with a random start drawn from
-    ``generator`` and step ``2.5 * eps / steps`` -> x_adv in [0, 1]."""
-    return pgd_eot(classifier, x, y, norm="Linf", eps=eps, step=2.5 * eps / steps, steps=steps, generator=generator)
+    ``generator`` and step ``2.5 * eps / steps`` -> x_adv in [0, 1].
+
+    With ``purifier``: PGD on ``classifier(purifier.purify(x, generator))``, one fresh draw of the purifier's
+    noise per step, also from ``generator`` (the adaptive attack, exact gradients through the purifier).
+    """
+    def defended(z: Tensor) -> Tensor:
+        return classifier(purifier.purify(z, generator))
+
+    model = classifier if purifier is None else defended
+    return pgd_eot(model, x, y, norm="Linf", eps=eps, step=2.5 * eps / steps, steps=steps, generator=generator)
 
 
 def patch_mix(x_in: Tensor, pred: Tensor, patch_size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -152,8 +167,8 @@ class IMPureTrainer(Trainer):
         if config.stage == "finetune" and config.adv_fraction > 0 and attack is None:
             if classifier is None:
                 raise ValueError("fine-tuning on adversarial examples needs a classifier or an attack")
-            attack = functools.partial(pgd_attack, classifier.eval(), eps=config.attack_eps,
-                                       steps=config.attack_steps)
+            attack = functools.partial(pgd_attack, classifier.eval(), eps=config.attack_eps, steps=config.attack_steps,
+                                       purifier=purifier if config.attack_target == "defence" else None)
         super().__init__(purifier, purifier.network, data, config)
         self.purifier = purifier
         self.classifier = classifier
