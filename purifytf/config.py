@@ -26,7 +26,7 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from safetensors import SafetensorError
 from torch import nn
 
-__all__ = ["CLASS_KEY", "Configurable", "config_class", "read_config", "set_downloader"]
+__all__ = ["CLASS_KEY", "Configurable", "Pretrained", "config_class", "read_config", "set_downloader"]
 
 CLASS_KEY = "_class_name"
 """Key of ``config.json`` naming the saved class."""
@@ -103,7 +103,50 @@ def _is_nested(value: Any) -> bool:
     return isinstance(value, dict) and (CLASS_KEY in value or set(value) == set(_LEGACY_NESTED))
 
 
-class Configurable(PyTorchModelHubMixin):
+class Pretrained(PyTorchModelHubMixin):
+    """The Hub mixin, loading from a local folder or a Hub repo id with clear errors (a mistyped folder is not
+    sent to the Hub), strictly, from safetensors only."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        strict: bool = True,
+        map_location: str = "cpu",
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Load from a local folder or a Hub repo id (``config.json`` + ``model.safetensors``).
+
+        Weights load strictly (missing or unexpected ones are an error). ``kwargs`` go to the constructor with
+        the saved config (:class:`Configurable`: settings that are not saved, such as ``classifier=`` for a
+        saliency purifier, or overrides, and ``optional``; see :meth:`Configurable.from_config`).
+        """
+        download = {"force_download": force_download, "token": token, "cache_dir": cache_dir,
+                    "local_files_only": local_files_only, "revision": revision}
+        model = cls._from_saved_config(read_config(pretrained_model_name_or_path, **download), **kwargs)
+        weights = _hub_file(pretrained_model_name_or_path, constants.SAFETENSORS_SINGLE_FILE, download)
+        return cls._load_as_safetensor(model, str(weights), map_location, strict)
+
+    @classmethod
+    def _from_saved_config(cls, config: dict, **kwargs):
+        """The model of a saved ``config.json`` (its constructor's arguments), before its weights load."""
+        return cls(**config, **kwargs)
+
+    @classmethod
+    def _load_as_safetensor(cls, model, model_file, map_location, strict):
+        try:
+            return super()._load_as_safetensor(model, model_file, map_location, strict)
+        except SafetensorError as err:
+            raise ValueError(f"{model_file}: not a valid safetensors file (corrupt or truncated?): {err}") from err
+
+
+class Configurable(Pretrained):
     """Base of every saved part; see the module doc. Subclasses register under their class name."""
 
     def __init_subclass__(cls, **kwargs):
@@ -212,34 +255,5 @@ class Configurable(PyTorchModelHubMixin):
         return super().save_pretrained(save_directory, config=self.config, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        strict: bool = True,
-        map_location: str = "cpu",
-        force_download: bool = False,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        revision: str | None = None,
-        **kwargs,
-    ) -> "Configurable":
-        """Load from a local folder or a Hub repo id, whatever class was saved (a subclass of ``cls``).
-
-        Weights load strictly (missing or unexpected ones are an error). ``kwargs``: settings that
-        are not saved (``classifier=`` for a saliency purifier, wherever it is nested) or overrides, and
-        ``optional`` (:meth:`from_config`).
-        """
-        download = {"force_download": force_download, "token": token, "cache_dir": cache_dir,
-                    "local_files_only": local_files_only, "revision": revision}
-        model = cls.from_config(read_config(pretrained_model_name_or_path, **download), **kwargs)
-        weights = _hub_file(pretrained_model_name_or_path, constants.SAFETENSORS_SINGLE_FILE, download)
-        return cls._load_as_safetensor(model, str(weights), map_location, strict)
-
-    @classmethod
-    def _load_as_safetensor(cls, model, model_file, map_location, strict):
-        try:
-            return super()._load_as_safetensor(model, model_file, map_location, strict)
-        except SafetensorError as err:
-            raise ValueError(f"{model_file}: not a valid safetensors file (corrupt or truncated?): {err}") from err
+    def _from_saved_config(cls, config: dict, **kwargs) -> "Configurable":
+        return cls.from_config(config, **kwargs)

@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from purifytf import hub
 from purifytf.base import Purifier
+from purifytf.models import AllConvNet, SmallCNN
 
 REPO = "someorg/does-not-exist"
 WAYS_OUT = ("connect to the internet", "pre-download it into the cache", "pass a local directory")
@@ -85,13 +87,30 @@ def test_a_failing_hub_request_is_not_reported_as_a_missing_file(empty_cache, mo
     assert "could not be queried (503 Service Unavailable)" in message and "has none of these files" not in message
 
 
-def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path):
+@pytest.mark.parametrize("model", [Purifier, SmallCNN, AllConvNet])
+def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path, model):
     for path in (tmp_path / "nope", "./nope", "runs/a/b"):
         with pytest.raises(FileNotFoundError, match="no such folder"):
-            Purifier.from_pretrained(path)
+            model.from_pretrained(path)
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        Purifier.from_pretrained(tmp_path / "model.safetensors")
+        model.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_a_saved_classifier_loads_strictly_from_safetensors(tmp_path):
+    torch.manual_seed(0)
+    saved = SmallCNN(width=4, hidden=8).eval()
+    saved.save_pretrained(tmp_path)
+    loaded = SmallCNN.from_pretrained(tmp_path).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert loaded.head[1].in_features == saved.head[1].in_features and torch.equal(loaded(x), saved(x))
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    safetensors.torch.save_file({**state, "extra": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="extra"):
+        SmallCNN.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        SmallCNN.from_pretrained(tmp_path)
 
 
 def test_torch_hub_entry_point(offline):

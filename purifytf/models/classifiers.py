@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
+
+from ..config import Pretrained
 
 __all__ = ["AllConvNet", "SmallCNN"]
 
@@ -20,7 +21,7 @@ def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-class SmallCNN(_UnitRangeInput, nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
+class SmallCNN(_UnitRangeInput, nn.Module, Pretrained, library_name="purifytf", license="apache-2.0",
                tags=["image-classification", "purifytf"]):
     """Two VGG-style stages (2 x conv3x3-BN-ReLU, max-pool) and a two-layer head.
 
@@ -48,7 +49,7 @@ class SmallCNN(_UnitRangeInput, nn.Module, PyTorchModelHubMixin, library_name="p
         return self.head(self.stage2(self.stage1(x * 2 - 1)))
 
 
-class AllConvNet(_UnitRangeInput, nn.Module, PyTorchModelHubMixin, library_name="purifytf", license="apache-2.0",
+class AllConvNet(_UnitRangeInput, nn.Module, Pretrained, library_name="purifytf", license="apache-2.0",
                  tags=["image-classification", "purifytf"]):
     """All-convolutional: conv3x3-BN-ReLU layers (the 2nd and 4th of stride 2), global average pooling, one
     linear layer; no max pooling, no dense hidden layer. The held-out architecture: it checks that a purifier
