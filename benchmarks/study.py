@@ -145,7 +145,7 @@ ROWS: tuple[Row, ...] = (
 SECOND_CLASSIFIER_ROWS = ("no defence", "DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1", "DiffPurify DDIM t*=0.2",
                           "SaliencyDiffPurify default", "SSNI on DiffPurify DDPM t*=0.1", "IMPurify", "JPEG q=75")
 CONVERGENCE_ROWS = ("DiffPurify DDPM t*=0.1", "DiffPurify DDIM t*=0.1", "SaliencyDiffPurify default",
-                    "SSNI on DiffPurify DDPM t*=0.1")
+                    "SSNI on DiffPurify DDPM t*=0.1", "IMPurify")
 """The rows whose attack budget --convergence checks (those of them in --rows)."""
 
 
