@@ -33,7 +33,7 @@ from purifytf.hub import ASSETS, backbone_config, load_backbone_dir
 from purifytf.models import SmallCNN
 from purifytf.train.classifier import ClassifierTrainer, heldout_cache, train_heldout_classifier
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
-from purifytf.train.impure import FeatureLoss, IMPureTrainer, TrainConfig
+from purifytf.train.impure import ATTACK_TARGETS, FeatureLoss, IMPureTrainer, TrainConfig
 from purifytf.train.loop import STATE_FILE, OptimConfig
 from purifytf.train.record import device_name, fit_sitting, machine, read_sittings, sitting
 
@@ -296,9 +296,10 @@ def main() -> None:
     parser.add_argument("--impure-train-image-t", type=float, nargs=2, default=[0.0, 0.3], help="training [lo, hi)")
     parser.add_argument("--impure-train-feature-t", type=float, nargs=2, default=[0.0, 0.6])
     parser.add_argument("--impure-lr", type=float, default=5e-4)
-    parser.add_argument("--impure-attack-target", default="classifier", choices=["classifier", "defence"],
+    parser.add_argument("--impure-attack-target", default=TrainConfig.attack_target, choices=ATTACK_TARGETS,
                         help="fine-tuning's PGD: on the bare classifier (the paper's) or through IMPurify (adaptive)")
-    parser.add_argument("--impure-adv-fraction", type=float, default=0.5, help="fine-tuning's share of PGD inputs")
+    parser.add_argument("--impure-adv-fraction", type=float, default=TrainConfig.adv_fraction,
+                        help="fine-tuning's share of PGD inputs")
     parser.add_argument("--impure-batch-size", type=int, default=64)
     parser.add_argument("--impure-architecture", type=field_value, nargs="+", default=[], metavar="FIELD=VALUE",
                         help="MAEConfig fields replacing the tiny preset's, e.g. patch_size=2 depth=6 (JSON values)")

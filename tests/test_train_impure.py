@@ -104,6 +104,7 @@ class Inverted(Purifier):
 def test_pgd_through_the_purifier_attacks_the_defence_not_the_bare_classifier():
     clf, x, y = classifier(), waves(), torch.tensor([0, 1, 2, 0])
     purifier = Inverted()
+
     def loss(images):
         return nn.functional.cross_entropy(clf(purifier(images)), y).item()
     adaptive = pgd_attack(clf, x, y, gen(), eps=0.05, steps=5, purifier=purifier)

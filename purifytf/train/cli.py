@@ -30,7 +30,7 @@ from ..classifiers import load_classifier
 from ..data import open_data
 from ..models.mae import MAE_PRESETS
 from ..purifiers.impure import IMPurify
-from .impure import FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
+from .impure import ATTACK_TARGETS, FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
 from .loop import STATE_FILE
 from .record import device_name, fit_sitting, machine, read_sittings
 
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="share of adversarial inputs per batch")
     adv.add_argument("--attack-eps", type=float, default=_DEFAULTS.attack_eps, help="PGD L-inf budget")
     adv.add_argument("--attack-steps", type=int, default=_DEFAULTS.attack_steps)
-    adv.add_argument("--attack-target", default=_DEFAULTS.attack_target, choices=["classifier", "defence"],
+    adv.add_argument("--attack-target", default=_DEFAULTS.attack_target, choices=ATTACK_TARGETS,
                      help="PGD on the bare classifier (the paper's) or through the purifier being trained (adaptive)")
     adv.add_argument("--perceptual", default="classifier", choices=["classifier", "vgg19_bn", "none"],
                      help="perceptual network: the classifier's features, VGG19-BN (RGB, needs its weights), none")

@@ -5,8 +5,8 @@
   examples made on the fly against the target classifier (:func:`pgd_attack` or any attack
   callable; the paper's), or with ``attack_target="defence"`` against the classifier behind the
   purifier being trained (the evaluation's adaptive attack: exact gradients through the network at its
-  inference noise; not in the paper); L1 pixel loss plus a perceptual L1 (:class:`FeatureLoss`) between the features of
-  ``x_in * (1 - M) + pred * M`` (:func:`patch_mix`) and of the clean image.
+  inference noise; not in the paper); L1 pixel loss plus a perceptual L1 (:class:`FeatureLoss`)
+  between the features of ``x_in * (1 - M) + pred * M`` (:func:`patch_mix`) and of the clean image.
 
 AdamW (0.9, 0.95), weight decay 0.05 (not on biases and norms), lr ``1e-4 * batch / 256`` with
 linear warm-up then cosine decay. Checkpoints are directories loadable with
@@ -38,6 +38,7 @@ from ..random import rand_like
 from .loop import OptimConfig, Trainer
 
 __all__ = [
+    "ATTACK_TARGETS",
     "FeatureLoss",
     "IMPureTrainer",
     "TrainConfig",
@@ -45,6 +46,9 @@ __all__ = [
     "pgd_attack",
     "vgg19_bn_feature_loss",
 ]
+
+ATTACK_TARGETS = ("classifier", "defence")
+"""What stage 2's PGD attacks: the bare classifier (the paper's), or the classifier behind the purifier."""
 
 Attack = Callable[[Tensor, Tensor, torch.Generator], Tensor]
 """``attack(x, y, generator) -> x_adv``: images (B, C, H, W) in [0, 1], labels (B,)."""
@@ -64,8 +68,8 @@ class TrainConfig(OptimConfig):
     def __post_init__(self):
         if self.stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
-        if self.attack_target not in ("classifier", "defence"):
-            raise ValueError(f"attack_target must be 'classifier' or 'defence', got {self.attack_target!r}")
+        if self.attack_target not in ATTACK_TARGETS:
+            raise ValueError(f"attack_target must be one of {ATTACK_TARGETS}, got {self.attack_target!r}")
         if not 0 <= self.adv_fraction <= 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
 
