@@ -77,6 +77,15 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, attack_target):
         other.load(tmp_path)
 
 
+def test_config_refuses_unknown_settings():
+    with pytest.raises(ValueError, match="stage must be one of"):
+        TrainConfig(stage="fine-tune")
+    with pytest.raises(ValueError, match="attack_target must be one of"):
+        TrainConfig(attack_target="purifier")
+    with pytest.raises(ValueError, match="adv_fraction"):
+        TrainConfig(adv_fraction=1.5)
+
+
 def test_finetune_needs_a_classifier_or_labels():
     with pytest.raises(ValueError, match="classifier or an attack"):
         IMPureTrainer(small(), ArrayData(waves()), TrainConfig(stage="finetune", batch_size=2))

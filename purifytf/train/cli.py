@@ -30,7 +30,7 @@ from ..classifiers import load_classifier
 from ..data import open_data
 from ..models.mae import MAE_PRESETS
 from ..purifiers.impure import IMPurify
-from .impure import ATTACK_TARGETS, FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
+from .impure import ATTACK_TARGETS, STAGES, FeatureLoss, IMPureTrainer, TrainConfig, vgg19_bn_feature_loss
 from .loop import STATE_FILE
 from .record import device_name, fit_sitting, machine, read_sittings
 
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--stage", default=_DEFAULTS.stage, choices=["pretrain", "finetune"])
+    opt.add_argument("--stage", default=_DEFAULTS.stage, choices=STAGES)
     for name in ("steps", "batch_size", "warmup_steps", "seed", "checkpoint_every"):
         opt.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(_DEFAULTS, name))
     opt.add_argument("--lr", type=float, help="learning rate (default: base-lr * batch-size / 256)")

@@ -41,11 +41,15 @@ __all__ = [
     "ATTACK_TARGETS",
     "FeatureLoss",
     "IMPureTrainer",
+    "STAGES",
     "TrainConfig",
     "patch_mix",
     "pgd_attack",
     "vgg19_bn_feature_loss",
 ]
+
+STAGES = ("pretrain", "finetune")
+"""The two stages: masked reconstruction of clean images, then (adversarial or clean input, clean target) pairs."""
 
 ATTACK_TARGETS = ("classifier", "defence")
 """What stage 2's PGD attacks: the bare classifier (the paper's), or the classifier behind the purifier."""
@@ -66,8 +70,8 @@ class TrainConfig(OptimConfig):
     """``"classifier"``: PGD on the bare classifier (the paper's); ``"defence"``: through the purifier as well."""
 
     def __post_init__(self):
-        if self.stage not in ("pretrain", "finetune"):
-            raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.attack_target not in ATTACK_TARGETS:
             raise ValueError(f"attack_target must be one of {ATTACK_TARGETS}, got {self.attack_target!r}")
         if not 0 <= self.adv_fraction <= 1:
