@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .base import input_channels
 from .functional import straight_through
+from .inputs import check_choice
 
 __all__ = ["DefendedModel", "adapt_normalization", "input_channels", "resolve_normalization"]
 
@@ -95,8 +96,7 @@ class DefendedModel(nn.Module):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
         if runs < 1:
             raise ValueError(f"runs must be >= 1, got {runs}")
-        if vote not in _VOTES:
-            raise ValueError(f"vote must be one of {_VOTES}, got {vote!r}")
+        check_choice("vote", vote, _VOTES)
         self.purifier = purifier
         self.classifier = classifier
         self.runs = runs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RANGE_TOLERANCE", "check_images"]
+__all__ = ["RANGE_TOLERANCE", "check_choice", "check_images"]
 
 RANGE_TOLERANCE = 1e-3
 """Values within this distance outside [0, 1] are clamped (rounding); further out is an error."""
@@ -59,3 +59,9 @@ def _raise_values(x: Tensor, lo: Tensor, hi: Tensor) -> None:
         raise ValueError("input contains NaN or Inf")
     raise ValueError(f"input values span [{lo.item():.3g}, {hi.item():.3g}], expected [0, 1]: purify "
                      "before v2.Normalize, and scale 0-255 floats by 1/255")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise a ``ValueError`` naming ``name``, the ``choices`` and ``value`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..base import Purifier
 from ..functional import straight_through
+from ..inputs import check_choice
 from ..random import rand_like
 
 __all__ = [
@@ -33,11 +34,6 @@ __all__ = [
 
 JPEG_CODECS = ("differentiable", "real")
 BLUR_KINDS = ("gaussian", "median")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
@@ -80,7 +76,7 @@ def jpeg(x: Tensor, quality: int, codec: str = "differentiable") -> Tensor:
     ``codec="differentiable"``: :func:`differentiable_jpeg`, exact gradient. ``codec="real"``:
     :func:`real_jpeg` in the forward pass with :func:`differentiable_jpeg`'s gradient (BPDA).
     """
-    _check_choice("codec", codec, JPEG_CODECS)
+    check_choice("codec", codec, JPEG_CODECS)
     if x.shape[1] not in (1, 3):
         raise ValueError(f"JPEG codes 1- or 3-channel images, got {x.shape[1]} channels (shape {tuple(x.shape)})")
     if codec == "differentiable":
@@ -104,7 +100,7 @@ class JPEGPurify(Purifier):
     def __init__(self, quality: int = 75, codec: str = "differentiable"):
         super().__init__()
         _check_int("quality", quality, 1, 100)
-        _check_choice("codec", codec, JPEG_CODECS)
+        check_choice("codec", codec, JPEG_CODECS)
         self.quality = quality
         self.codec = codec
 
@@ -122,7 +118,7 @@ def blur(x: Tensor, kind: str = "gaussian", kernel_size: int = 3, sigma: float =
     Borders are reflected, so ``H, W > kernel_size // 2``. ``sigma`` (pixels) is the Gaussian's and
     is ignored by the median. Exact gradient (the median's routes to the selected pixel).
     """
-    _check_choice("kind", kind, BLUR_KINDS)
+    check_choice("kind", kind, BLUR_KINDS)
     if kind == "median":
         return median_blur(x, kernel_size)
     return gaussian_blur2d(x, kernel_size, (sigma, sigma))
@@ -139,7 +135,7 @@ class BlurPurify(Purifier):
 
     def __init__(self, kind: str = "gaussian", kernel_size: int = 3, sigma: float = 1.0):
         super().__init__()
-        _check_choice("kind", kind, BLUR_KINDS)
+        check_choice("kind", kind, BLUR_KINDS)
         _check_int("kernel_size", kernel_size, 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..diffusion.backbones import Backbone
 from ..diffusion.samplers import ddim_sample, timestep_grid
+from ..inputs import check_choice
 from ..random import randn_like
 from .diffusion import DiffusionPurifier
 
@@ -43,8 +44,7 @@ class DiffPurify(DiffusionPurifier):
         super().__init__(backbone, checkpoint=checkpoint, seed=seed)
         if not 0 < t_star <= 1:
             raise ValueError(f"t_star must be in (0, 1], got {t_star}")
-        if sampler not in _SAMPLER_ETA:
-            raise ValueError(f"sampler must be one of {sorted(_SAMPLER_ETA)}, got {sampler!r}")
+        check_choice("sampler", sampler, sorted(_SAMPLER_ETA))
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.t_star = t_star

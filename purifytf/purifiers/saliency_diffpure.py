@@ -12,6 +12,7 @@ from ..diffusion.backbones import Backbone
 from ..diffusion.samplers import EpsFn, ddim_sample, timestep_grid
 from ..diffusion.schedule import NoiseSchedule
 from ..functional import straight_through, to_image_space
+from ..inputs import check_choice
 from ..random import randn_like
 from ..saliency import StageFeatures, activation_saliency, threshold_mask, topk_mask
 from .diffusion import DiffusionPurifier
@@ -156,8 +157,7 @@ class SaliencyDiffPurify(DiffusionPurifier):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
         if not 0 < t_s < t_l <= 1:
             raise ValueError(f"need 0 < t_s < t_l <= 1, got t_s={t_s}, t_l={t_l}")
-        if mask not in _MASKS:
-            raise ValueError(f"mask must be one of {_MASKS}, got {mask!r}")
+        check_choice("mask", mask, _MASKS)
         if not 0 <= threshold <= 1 or not 0 <= fraction <= 1:
             raise ValueError(f"threshold and fraction must lie in [0, 1], got {threshold}, {fraction}")
         if resample_steps < 0 or spacing < 1:

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from ..attacks import pgd_eot
 from ..base import Purifier
 from ..data import NO_LABEL
+from ..inputs import check_choice
 from ..purifiers.impure import IMPurify
 from ..random import rand_like
 from .loop import OptimConfig, Trainer
@@ -70,10 +71,8 @@ class TrainConfig(OptimConfig):
     """``"classifier"``: PGD on the bare classifier (the paper's); ``"defence"``: through the purifier as well."""
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.attack_target not in ATTACK_TARGETS:
-            raise ValueError(f"attack_target must be one of {ATTACK_TARGETS}, got {self.attack_target!r}")
+        check_choice("stage", self.stage, STAGES)
+        check_choice("attack_target", self.attack_target, ATTACK_TARGETS)
         if not 0 <= self.adv_fraction <= 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
 
