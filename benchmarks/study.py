@@ -21,6 +21,7 @@ gives another network, and every run records its classifier's weights digest, so
 
     python benchmarks/study.py --images 512 --steps 20 --eot 4 --runs 10       # one sitting; rerun to resume
     python benchmarks/study.py ... --convergence [ROW ...]                     # steps and EOT doubled on a subset
+    python benchmarks/study.py ... --convergence ROW --convergence-scales 4    # x4 against x2 (a ladder: 2 4)
     python benchmarks/study.py --images 64 --rows "DiffPurify DDIM t*=0.1" "SaliencyDiffPurify default" --threats linf
     torchrun --standalone --nproc_per_node 8 benchmarks/study.py ...            # 8 processes share the batches
     python benchmarks/study.py ... --records-only                               # the tables from the records, no attack
@@ -347,21 +348,27 @@ def run_study(rows: list[Row], classifiers: dict[str, nn.Module], threats: list[
 
 
 def convergence(rows: list[Row], classifier: nn.Module, classifier_name: str, threat: str, dataset: Dataset,
-                budget: Budget, records: Path, images: int, progress: bool = True, attack: bool = True) -> list[dict]:
-    """Robust accuracy at the study's budget and with steps and EOT doubled, on the first ``images`` images:
-    the paired difference (doubled minus study budget) should lie within 1 point. The row at the study's budget
-    is evaluated in full (its records and summary stay the study's row); only the doubled run is a subset."""
+                budget: Budget, records: Path, images: int, progress: bool = True, attack: bool = True,
+                scales: tuple[int, ...] = (2,)) -> list[dict]:
+    """Robust accuracy with steps and EOT multiplied by each of ``scales`` against half that budget, on the first
+    ``images`` images: the paired difference (doubled minus half) should lie within 1 point. Scale 1 is the study's
+    row, evaluated in full (its records and summary stay the study's); the other budgets run on the subset only."""
     report = []
     for row in rows:
-        base, doubled = (run_row(row, classifier, classifier_name, threat, dataset, budget, records, scale,
-                                 images if scale > 1 else None, progress, attack) for scale in (1, 2))
-        if base is None or doubled is None or base["attacked"] != doubled["attacked"]:
-            continue  # only a row whose attacked versions are complete in both runs compares like with like
-        difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
-        report.append({"name": row.name, "threat": threat, "n": difference["n"],
-                       "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
-                       "robust_doubled": _accuracy(doubled["robust"])["accuracy"], "difference": difference,
-                       "converged": abs(difference["difference"]) <= 0.01})
+        runs = {s: run_row(row, classifier, classifier_name, threat, dataset, budget, records, s,
+                           images if s > 1 else None, progress, attack)
+                for s in sorted({*scales, *(s // 2 for s in scales)})}
+        for scale in scales:
+            base, doubled = runs[scale // 2], runs[scale]
+            if base is None or doubled is None or base["attacked"] != doubled["attacked"]:
+                continue  # only a row whose attacked versions are complete in both runs compares like with like
+            difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
+            report.append({"name": row.name, "threat": threat, "n": difference["n"],
+                           "budget": [budget.steps * scale // 2, budget.eot * scale // 2],
+                           "budget_doubled": [budget.steps * scale, budget.eot * scale],
+                           "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
+                           "robust_doubled": _accuracy(doubled["robust"])["accuracy"], "difference": difference,
+                           "converged": abs(difference["difference"]) <= 0.01})
     return report
 
 
@@ -445,13 +452,21 @@ def markdown(study: dict) -> str:
             lines += _difference_table(table)
     if study.get("convergence"):
         lines += ["", "### Attack-strength convergence (steps and EOT doubled)", "",
-                  "| defence | threat | n | robust | robust, doubled | difference | within 1 point |",
-                  "|---|---|---:|---:|---:|---|---|"]
+                  "| defence | threat | steps x EOT | n | robust | robust, doubled | difference | within 1 point |",
+                  "|---|---|---|---:|---:|---:|---|---|"]
         for c in study["convergence"]:
-            lines.append(f"| {c['name']} | {c['threat']} | {c['n']} | {_pct(c['robust'])} | "
+            budgets = " -> ".join("{} x {}".format(*b) for b in (c["budget"], c["budget_doubled"]))
+            lines.append(f"| {c['name']} | {c['threat']} | {budgets} | {c['n']} | {_pct(c['robust'])} | "
                          f"{_pct(c['robust_doubled'])} | {_difference(c['difference'])} | "
                          f"{'yes' if c['converged'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def _power_of_two(text: str) -> int:
+    value = int(text)
+    if value < 2 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"a scale must be a power of two >= 2, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -468,6 +483,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="also run steps and EOT doubled on a subset, for these rows (default: those of "
                              "CONVERGENCE_ROWS in --rows)")
     parser.add_argument("--convergence-images", type=int, default=128)
+    parser.add_argument("--convergence-scales", type=_power_of_two, nargs="+", default=[2], metavar="SCALE",
+                        help="compare steps and EOT x SCALE with x SCALE/2 (powers of two; 2: against the study's)")
     parser.add_argument("--records", type=Path, default=RESULTS / "study")
     parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
     parser.add_argument("--cache", type=Path, default=HELDOUT_CLASSIFIER,
@@ -518,7 +535,7 @@ def _run(args: argparse.Namespace, budget: Budget, device: torch.device, rank: i
         chosen = [r for r in rows if r.name in (args.convergence or CONVERGENCE_ROWS)]
         study["convergence"] = [c for t in args.threats for c in convergence(
             chosen, classifiers["cnn"], "cnn", t, dataset, budget, args.records, args.convergence_images, progress,
-            not args.records_only)]
+            not args.records_only, tuple(args.convergence_scales))]
     if rank > 0:
         return None
     return study | {"budget": asdict(budget), "device": str(device),

@@ -195,7 +195,8 @@ def train_impure(args, out: Path) -> None:
                                ("finetune", args.impure_finetune_steps, perceptual)):
         config = TrainConfig(stage=stage, steps=steps, batch_size=args.impure_batch_size, lr=args.impure_lr,
                              warmup_steps=min(100, steps // 10), seed=args.seed, checkpoint_every=200,
-                             attack_eps=8 / 255, attack_steps=5, attack_target=args.impure_attack_target,
+                             attack_eps=8 / 255, attack_steps=args.impure_attack_steps,
+                             attack_target=args.impure_attack_target,
                              adv_fraction=args.impure_adv_fraction)
         trainer = IMPureTrainer(purifier, data, config, classifier=classifier, perceptual=loss)
         if (args.resume or args.impure_export) and (work / stage / STATE_FILE).exists():
@@ -208,8 +209,9 @@ def train_impure(args, out: Path) -> None:
     purifier.save_pretrained(out / "impure")
     record_impure(args, out, sum(s["seconds"] for s in sittings), sittings=sittings, **done,
                   init=str(args.impure_init) if args.impure_init else None, lr=args.impure_lr,
-                  attack_target=args.impure_attack_target, adv_fraction=args.impure_adv_fraction,
-                  image_t=args.impure_image_t, feature_t=args.impure_feature_t, overrides=impure_overrides(args))
+                  attack_target=args.impure_attack_target, attack_steps=args.impure_attack_steps,
+                  adv_fraction=args.impure_adv_fraction, image_t=args.impure_image_t, feature_t=args.impure_feature_t,
+                  overrides=impure_overrides(args))
     if args.impure_checkpoints is None and done.get("finetune_steps") == args.impure_finetune_steps:
         shutil.rmtree(work)
 
@@ -298,6 +300,7 @@ def main() -> None:
     parser.add_argument("--impure-lr", type=float, default=5e-4)
     parser.add_argument("--impure-attack-target", default=TrainConfig.attack_target, choices=ATTACK_TARGETS,
                         help="fine-tuning's PGD: on the bare classifier (the paper's) or through IMPurify (adaptive)")
+    parser.add_argument("--impure-attack-steps", type=int, default=5, help="fine-tuning's PGD steps (Linf 8/255)")
     parser.add_argument("--impure-adv-fraction", type=float, default=TrainConfig.adv_fraction,
                         help="fine-tuning's share of PGD inputs")
     parser.add_argument("--impure-batch-size", type=int, default=64)

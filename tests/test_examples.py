@@ -121,19 +121,21 @@ def test_ddpm_recipe_options(tmp_path, monkeypatch):
 
 def test_impure_recipe_options(tmp_path, monkeypatch):
     """--impure-architecture replaces fields of the tiny preset (patch size 2: a 14 x 14 grid), --impure-batch-size
-    the batch; both are saved (config.json, metrics.json) and the weights load back; a malformed field is refused."""
+    the batch, --impure-attack-steps fine-tuning's PGD; all are saved (config.json, metrics.json) and the weights
+    load back; a malformed field is refused."""
     from purifytf import IMPurify
 
     write_fake_fashion_mnist(tmp_path)
     out = tmp_path / "zoo"
     argv = ["train_fashion_mnist.py", "--data", str(tmp_path), "--out", str(out), "--classifier-steps", "2",
             "--heldout-steps", "2", "--heldout-cache", str(tmp_path / "heldout"), "--metric-images", "4",
-            "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1", "--impure-batch-size", "8"]
+            "--impure-pretrain-steps", "2", "--impure-finetune-steps", "1", "--impure-batch-size", "8",
+            "--impure-attack-steps", "2"]
     monkeypatch.setattr(sys, "argv", argv + ["--part", "slice", "classifier", "impure", "--impure-architecture",
                                              "patch_size=2", "depth=3", "fuse_indices=[0,1]"])
     runpy.run_path(str(RECIPE), run_name="__main__")
     recorded = json.loads((out / "impure" / "metrics.json").read_text())
-    assert recorded["batch_size"] == 8 and recorded["device"] == "cpu"
+    assert recorded["batch_size"] == 8 and recorded["attack_steps"] == 2 and recorded["device"] == "cpu"
     assert recorded["overrides"]["patch_size"] == 2 and recorded["overrides"]["fuse_indices"] == [0, 1]
     network = IMPurify.from_pretrained(out / "impure").network
     assert (network.config.patch_size, network.config.depth, network.config.fuse_indices) == (2, 3, (0, 1))

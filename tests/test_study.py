@@ -157,6 +157,20 @@ def test_convergence_doubles_steps_and_eot(tmp_path, classifier, dataset):
     assert row["images"] == TINY.images  # the study's row stays whole: its summary is not the subset's
 
 
+def test_convergence_ladder_compares_each_budget_with_half_of_it(tmp_path, classifier, dataset):
+    check = functools.partial(study.convergence, ROWS[:1], classifier, "cnn", "linf", dataset, TINY, tmp_path,
+                              images=2, progress=False)
+    (x4,) = check(scales=(4,))
+    assert (x4["budget"], x4["budget_doubled"]) == ([2 * TINY.steps, 2 * TINY.eot], [4 * TINY.steps, 4 * TINY.eot])
+    run = json.loads((tmp_path / "cnn/linf-x4/no-defence/run.json").read_text())
+    assert (run["settings"]["steps"], run["settings"]["eot"]) == (4 * TINY.steps, 4 * TINY.eot)
+    assert not (tmp_path / "cnn/linf/no-defence").exists()  # x4 against x2: the study's row is not needed
+    x2, again = check(scales=(2, 4))  # x2 and x4 are reused from their records; the study row runs
+    assert again == x4 and x2["budget"] == [TINY.steps, TINY.eot]
+    with pytest.raises(SystemExit):
+        study.main(["--convergence-scales", "3"])
+
+
 def test_convergence_compares_only_the_same_attacked_versions(tmp_path, classifier, dataset):
     """A doubled run missing one of the row's attacked versions is not compared with the full row (its
     per-image minimum would be over fewer attacks: a spurious gain)."""
