@@ -243,9 +243,11 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
     Returns ``name``, ``indices``, ``clean`` and ``robust`` (per image, in index order), ``per_attack``
     (attack name -> per-image robustness, minimum over the attacked versions), ``per_version`` (per attacked
     version counted: per-image robustness), ``nfe``,
-    ``seconds_per_image`` (the attacked versions), ``attacked`` (the versions counted) and ``info``
-    (:func:`_row_info`). ``attack=False`` runs no attack: only the attacked versions whose records are complete
-    count (fewer than all: robust accuracy is an upper bound), and a row with none returns ``None``.
+    ``seconds_per_image`` (the attacked versions), ``attacked`` (the versions counted), ``planned`` (the images the
+    row is to have) and ``info`` (:func:`_row_info`). ``attack=False`` runs no attack and reports the records there
+    are: each attacked version on its leading images with records (a row resumed across sittings: all versions
+    on the images they all have), the versions with none left out (fewer than all: robust accuracy is an upper
+    bound); a row with no records returns ``None``.
     """
     settings = budget.settings(threat, scale)
     attacks = parse_attacks(",".join(f"{a}@{row.view}" if row.view != "adaptive" else a
@@ -270,11 +272,13 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
                  batch_size=budget.batch_size, config=config, progress=progress, run_missing=attack)
         found = load_records(folder, batch_places(indices, budget.batch_size))
-        if all(i in found for i in indices):
-            outcomes.append([found[i] for i in indices])
+        recorded = _leading(indices, found)
+        if recorded and (len(recorded) == len(indices) or not attack):
+            outcomes.append([found[i] for i in recorded])
             counted.append(overrides)
     if not outcomes:
         return None
+    outcomes = [o[:min(map(len, outcomes))] for o in outcomes]
     first = outcomes[0]
     info = _row_info(purifier, torch.stack([dataset[i][0] for i in indices]).to(sample.device))
     return {
@@ -286,8 +290,18 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         "per_version": [[r["robust"] for r in o] for o in outcomes],
         "nfe": first[0]["nfe"] if first else 0,
         "seconds_per_image": sum(sum(r["seconds"] for r in o) / len(o) for o in outcomes),
-        "attacked": counted, "info": info,
+        "attacked": counted, "planned": len(indices), "info": info,
     }
+
+
+def _leading(indices: list[int], found: dict[int, dict]) -> list[int]:
+    """The leading ``indices`` that have a record in ``found`` (up to the first without)."""
+    recorded = []
+    for i in indices:
+        if i not in found:
+            break
+        recorded.append(i)
+    return recorded
 
 
 def _accuracy(outcomes: list[bool]) -> dict:
@@ -313,7 +327,7 @@ def summarize_row(result: dict, row: Row, by_name: dict[str, dict]) -> dict:
     return {
         "name": result["name"], "variant": row.variant, "settings": row.settings, "view": row.view,
         "attacked": result["attacked"], "upper_bound": len(result["attacked"]) < len(row.attacked),
-        "n": len(result["indices"]), "nfe": result["nfe"],
+        "n": len(result["indices"]), "planned": result["planned"], "nfe": result["nfe"],
         "seconds_per_image": result["seconds_per_image"], "clean": _accuracy(result["clean"]),
         "robust": _accuracy(result["robust"]),
         "robust_per_attack": {name: _accuracy(v) for name, v in result["per_attack"].items()},
@@ -361,13 +375,14 @@ def convergence(rows: list[Row], classifier: nn.Module, classifier_name: str, th
         for scale in scales:
             base, doubled = runs[scale // 2], runs[scale]
             if base is None or doubled is None or base["attacked"] != doubled["attacked"]:
-                continue  # only a row whose attacked versions are complete in both runs compares like with like
-            difference = paired_comparison(doubled["robust"], base["robust"][:len(doubled["robust"])])
+                continue  # only the same attacked versions in both runs compare like with like
+            n = min(len(base["robust"]), len(doubled["robust"]))  # records-only: as far as both have records
+            difference = paired_comparison(doubled["robust"][:n], base["robust"][:n])
             report.append({"name": row.name, "threat": threat, "n": difference["n"],
                            "budget": [budget.steps * scale // 2, budget.eot * scale // 2],
                            "budget_doubled": [budget.steps * scale, budget.eot * scale],
-                           "robust": _accuracy(base["robust"][:difference["n"]])["accuracy"],
-                           "robust_doubled": _accuracy(doubled["robust"])["accuracy"], "difference": difference,
+                           "robust": _accuracy(base["robust"][:n])["accuracy"],
+                           "robust_doubled": _accuracy(doubled["robust"][:n])["accuracy"], "difference": difference,
                            "converged": abs(difference["difference"]) <= 0.01})
     return report
 
@@ -395,6 +410,8 @@ def _row_label(row: dict) -> str:
     label += f" (mask {_pct(row['mask_density'])} %)" if row.get("mask_density") is not None else ""
     if row.get("upper_bound"):
         label += f" (upper bound: attacked with {'; '.join(map(_version, row['attacked']))} only)"
+    if row.get("planned", row["n"]) > row["n"]:
+        label += f" (partial: {row['n']} of {row['planned']} images so far)"
     return label
 
 
@@ -496,8 +513,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--records-only", action="store_true",
                         help="run no attack: the tables from the records there are (rows with none are left out; a "
-                             "row with some attacked versions incomplete is reported on the others, as an upper "
-                             "bound)")
+                             "row part-run is reported on the images it has, marked partial; a row with an attacked "
+                             "version never run is reported on the others, as an upper bound)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -75,15 +75,26 @@ def test_tiny_study_end_to_end(tmp_path, classifier, dataset):
     assert set(jpeg["robust_per_attack"]) == {"pgd-eot-linf", "autoattack-rand"}
 
 
-def test_records_only_reports_the_complete_records_without_attacking(tmp_path, classifier, dataset):
-    """--records-only: the same tables as the run that made the records; a row with an incomplete attacked version is
-    reported on the other one, marked an upper bound; a row never run is left out; no record is added."""
+def test_records_only_reports_the_records_there_are_without_attacking(tmp_path, classifier, dataset):
+    """--records-only: the same tables as the run that made the records; a row part-run is reported on the images
+    all its attacked versions have, marked partial; a row with an attacked version never run is reported on the
+    other one, marked an upper bound; a row never run is left out; no record is added."""
     run = functools.partial(study.run_study, classifiers={"cnn": classifier}, threats=["linf"], dataset=dataset,
                             budget=TINY, records=tmp_path, progress=False)
     full = run(ROWS[1:])
     assert run(ROWS, attack=False) == full  # "no defence" never ran: left out
     version = tmp_path / "cnn/linf/jpeg-attacked-twice/attacked-1/images.jsonl"
-    version.write_text("".join(version.read_text().splitlines(keepends=True)[:-1]))
+    lines = version.read_text().splitlines(keepends=True)
+    version.write_text("".join(lines[:-2]) + lines[-2][:10])  # a sitting ended in the last batch, a line torn
+    (table,) = run(ROWS, attack=False)["tables"]
+    jpeg = {r["name"]: r for r in table["rows"]}["JPEG, attacked twice"]
+    assert (jpeg["n"], jpeg["planned"], jpeg["upper_bound"]) == (2, 4, False)
+    versions = [load_records(tmp_path / f"cnn/linf/jpeg-attacked-twice/attacked-{k}") for k in (0, 1)]
+    assert jpeg["robust"]["accuracy"] == sum(versions[0][i]["robust"] and versions[1][i]["robust"]
+                                             for i in range(2)) / 2
+    assert "| JPEG, attacked twice (partial: 2 of 4 images so far) | 2 |" in study.markdown(
+        {"tables": [table], "budget": asdict(TINY), "machine": ""})
+    version.unlink()
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     (table,) = run(ROWS, attack=False)["tables"]
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before  # nothing written
@@ -179,6 +190,9 @@ def test_convergence_compares_only_the_same_attacked_versions(tmp_path, classifi
     assert len(check()) == 1
     version = tmp_path / "cnn/linf-x2/jpeg-attacked-twice/attacked-1/images.jsonl"
     version.write_text("".join(version.read_text().splitlines(keepends=True)[:-1]))
+    (part,) = check(attack=False)  # compared on the image both versions have
+    assert part["n"] == 1
+    version.unlink()
     assert check(attack=False) == []
 
 
