@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -272,7 +273,7 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         evaluate(defended, dataset, attacks, folder, settings=settings, indices=indices, seed=budget.seed,
                  batch_size=budget.batch_size, config=config, progress=progress, run_missing=attack)
         found = load_records(folder, batch_places(indices, budget.batch_size))
-        recorded = _leading(indices, found)
+        recorded = list(itertools.takewhile(found.__contains__, indices))  # the leading images with records
         if recorded and (len(recorded) == len(indices) or not attack):
             outcomes.append([found[i] for i in recorded])
             counted.append(overrides)
@@ -292,16 +293,6 @@ def run_row(row: Row, classifier: nn.Module, classifier_name: str, threat: str, 
         "seconds_per_image": sum(sum(r["seconds"] for r in o) / len(o) for o in outcomes),
         "attacked": counted, "planned": len(indices), "info": info,
     }
-
-
-def _leading(indices: list[int], found: dict[int, dict]) -> list[int]:
-    """The leading ``indices`` that have a record in ``found`` (up to the first without)."""
-    recorded = []
-    for i in indices:
-        if i not in found:
-            break
-        recorded.append(i)
-    return recorded
 
 
 def _accuracy(outcomes: list[bool]) -> dict:
