@@ -191,7 +191,10 @@ def test_convergence_compares_only_the_same_attacked_versions(tmp_path, classifi
     version = tmp_path / "cnn/linf-x2/jpeg-attacked-twice/attacked-1/images.jsonl"
     version.write_text("".join(version.read_text().splitlines(keepends=True)[:-1]))
     (part,) = check(attack=False)  # compared on the image both versions have
-    assert part["n"] == 1
+    assert (part["n"], part["planned"]) == (1, 2)
+    table = study.markdown({"budget": asdict(TINY), "machine": "", "tables": [],
+                            "convergence": [part]})
+    assert "| 1 of 2 so far |" in table
     version.unlink()
     assert check(attack=False) == []
 
