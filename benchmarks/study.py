@@ -467,7 +467,7 @@ def markdown(study: dict) -> str:
                   "|---|---|---|---:|---:|---:|---|---|"]
         for c in study["convergence"]:
             budgets = " -> ".join("{} x {}".format(*b) for b in (c["budget"], c["budget_doubled"]))
-            n = f"{c['n']} of {c['planned']} so far" if c.get("planned", c["n"]) > c["n"] else c["n"]
+            n = f"{c['n']} of {c['planned']} so far" if c["planned"] > c["n"] else c["n"]
             lines.append(f"| {c['name']} | {c['threat']} | {budgets} | {n} | {_pct(c['robust'])} | "
                          f"{_pct(c['robust_doubled'])} | {_difference(c['difference'])} | "
                          f"{'yes' if c['converged'] else 'NO'} |")
