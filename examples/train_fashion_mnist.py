@@ -30,7 +30,7 @@ from purifytf.data import ArrayData, fashion_mnist, read_idx, to_images
 from purifytf.diffusion.backbones import build_backbone
 from purifytf.evaluation.clean import accuracy, purification_metrics
 from purifytf.hub import ASSETS, backbone_config, load_backbone_dir
-from purifytf.models import SmallCNN
+from purifytf.models import SmallCNN, load_deepened
 from purifytf.train.classifier import ClassifierTrainer, heldout_cache, train_heldout_classifier
 from purifytf.train.ddpm import DDPMTrainer, denoising_psnr
 from purifytf.train.impure import ATTACK_TARGETS, FeatureLoss, IMPureTrainer, TrainConfig
@@ -184,8 +184,9 @@ def train_impure(args, out: Path) -> None:
     data = fashion_mnist(args.data, "train")
     purifier = IMPurify(preset="tiny", in_channels=1, overrides=impure_overrides(args), image_t=args.impure_image_t,
                         feature_t=args.impure_feature_t).to(args.device)
-    if args.impure_init:  # continue from earlier weights of the same architecture
-        safetensors.torch.load_model(purifier, args.impure_init / "model.safetensors", strict=True)
+    if args.impure_init:  # continue from earlier weights of the same widths (deeper: identity blocks added)
+        saved = safetensors.torch.load_file(args.impure_init / "model.safetensors")
+        load_deepened(purifier.network, {k.removeprefix("network."): v for k, v in saved.items()})
     classifier = SmallCNN.from_pretrained(out / "classifier").to(args.device).eval()
     work = args.impure_checkpoints or out / "impure-checkpoints"
     sittings = read_sittings(work / "sittings.json", args.resume or args.impure_export)
@@ -306,7 +307,9 @@ def main() -> None:
     parser.add_argument("--impure-batch-size", type=int, default=64)
     parser.add_argument("--impure-architecture", type=field_value, nargs="+", default=[], metavar="FIELD=VALUE",
                         help="MAEConfig fields replacing the tiny preset's, e.g. patch_size=2 depth=6 (JSON values)")
-    parser.add_argument("--impure-init", type=Path, help="start from these IMPurify weights (a directory)")
+    parser.add_argument("--impure-init", type=Path,
+                        help="start from these IMPurify weights (a directory); with more blocks in "
+                             "--impure-architecture (depth=, decoder_depth=) the added ones start as the identity")
     parser.add_argument("--impure-checkpoints", type=Path,
                         help="resumable impure state (default: <out>/impure-checkpoints, removed when done)")
     parser.add_argument("--impure-export", action="store_true", help="export the latest impure checkpoint, no training")

@@ -6,7 +6,16 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from purifytf import count_nfe
-from purifytf.models.mae import GROUPS, MAE_PRESETS, _uniform_t, build_reconstructor, interleaved_order, random_order
+from purifytf.base import trainable
+from purifytf.models.mae import (
+    GROUPS,
+    MAE_PRESETS,
+    _uniform_t,
+    build_reconstructor,
+    interleaved_order,
+    load_deepened,
+    random_order,
+)
 from purifytf.purifiers.impure import IMPurify
 
 SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "fuse_indices": [0], "decoder_dim": 32, "decoder_depth": 1,
@@ -108,6 +117,41 @@ def test_save_pretrained_round_trip(tmp_path):
     x = torch.rand(2, 3, 12, 12, generator=gen())
     assert torch.equal(loaded(x), purifier(x))
     assert loaded.state_dict().keys() == purifier.state_dict().keys()
+
+
+def test_a_deepened_network_computes_what_the_saved_one_did():
+    """Blocks added at the end of each stack start as the identity: the same outputs to the bit, and they train."""
+    saved = small(in_channels=1).network
+    with torch.no_grad():  # trained-looking weights: no zero projections anywhere
+        for parameter in saved.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=gen(7)))
+    deeper = small(in_channels=1, overrides={"depth": 3, "decoder_depth": 3}).network
+    load_deepened(deeper, saved.state_dict())
+    x = torch.rand(2, 1, 12, 12, generator=gen())
+    for train in (False, True):
+        assert torch.equal(deeper(x, gen(1), image_t=50, feature_t=100, train=train),
+                           saved(x, gen(1), image_t=50, feature_t=100, train=train))
+    with trainable(deeper):
+        deeper(x, gen(1), image_t=50, feature_t=100).square().sum().backward()
+    for block in (deeper.blocks[2], deeper.decoder_blocks[1], deeper.decoder_blocks[2]):
+        assert block.attn.proj.weight.grad.abs().sum() > 0 and block.mlp.fc2.weight.grad.abs().sum() > 0
+    same = small(in_channels=1).network
+    assert torch.equal(load_deepened(same, saved.state_dict())(x, gen(1)), saved(x, gen(1)))  # equal depths
+
+
+def test_deepening_refuses_what_is_not_whole_trailing_blocks():
+    state = small(in_channels=1, overrides={"decoder_depth": 2}).network.state_dict()
+    shallower = small(in_channels=1).network
+    with pytest.raises(ValueError, match="unexpected.*decoder_blocks.1"):
+        load_deepened(shallower, state)  # fewer blocks than the weights
+    gap = {k: v for k, v in state.items() if not k.startswith("decoder_blocks.0.")}
+    with pytest.raises(ValueError, match="missing.*decoder_blocks.0"):
+        load_deepened(small(in_channels=1, overrides={"decoder_depth": 2}).network, gap)
+    with pytest.raises(ValueError, match="missing.*conv_head"):
+        load_deepened(shallower, {k: v for k, v in state.items()
+                                  if not k.startswith(("conv_head", "decoder_blocks.1"))})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_deepened(small(in_channels=1, overrides={"decoder_dim": 64, "decoder_depth": 2}).network, state)
 
 
 def test_seeded_determinism():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ __all__ = [
     "MaskedReconstructor",
     "build_reconstructor",
     "interleaved_order",
+    "load_deepened",
     "random_order",
 ]
 
@@ -284,3 +286,34 @@ class MaskedReconstructor(nn.Module):
         pred = self.decode(latents[:b], heads[:b], fill, order, h, w)
         out = self.conv_head(self.unpatchify(pred, h, w))
         return to_image_space(out[..., :height, :width])
+
+
+_BLOCK_KEY = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.")
+
+
+def load_deepened(network: MaskedReconstructor, state: dict[str, Tensor]) -> MaskedReconstructor:
+    """Fill ``network`` with the weights ``state`` of a network of the same widths with at most as many encoder
+    and decoder blocks; return it.
+
+    The blocks ``state`` lacks (the last ones of each stack) start as the identity: their attention and MLP
+    output projections are zero, so ``network`` computes exactly what the saved network did and training goes on
+    from there (Net2Net's deepening). With equal depths this is a strict load. Missing weights other than
+    whole trailing blocks, weights ``network`` has no place for and shapes that differ are errors.
+    """
+    own = network.state_dict()
+    saved_depth = {stack: 0 for stack in ("blocks", "decoder_blocks")}
+    for key in state:
+        if match := _BLOCK_KEY.match(key):
+            saved_depth[match[1]] = max(saved_depth[match[1]], int(match[2]) + 1)
+    added = {key for key in own if (m := _BLOCK_KEY.match(key)) and int(m[2]) >= saved_depth[m[1]]}
+    missing, unexpected = sorted(set(own) - set(state) - added), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"these weights do not fit a deepened copy of their network: missing {missing}, "
+                         f"unexpected {unexpected} (only whole blocks may be added, at the end of a stack)")
+    network.load_state_dict(state, strict=False)  # shapes are still checked
+    for stack, depth in saved_depth.items():
+        for block in getattr(network, stack)[depth:]:
+            for projection in (block.attn.proj, block.mlp.fc2):
+                nn.init.zeros_(projection.weight)
+                nn.init.zeros_(projection.bias)
+    return network
