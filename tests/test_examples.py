@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 RECIPE = EXAMPLES[0].parent / "train_fashion_mnist.py"
@@ -155,3 +156,17 @@ def test_impure_recipe_options(tmp_path, monkeypatch):
     exported = json.loads((out / "impure" / "metrics.json").read_text())
     assert exported["sittings"] == trained["sittings"] and len(trained["sittings"]) == 2
     assert exported["seconds"] == trained["seconds"] > 0
+
+    # --impure-init into a deeper --impure-architecture: the saved weights plus identity blocks (lr 0: unchanged)
+    deeper = tmp_path / "deeper"
+    deeper.mkdir()
+    for part in ("classifier", "test-slice.npz"):
+        (deeper / part).symlink_to(out / part)
+    monkeypatch.setattr(sys, "argv", [a if a != str(out) else str(deeper) for a in argv] + [
+        "--part", "impure", "--impure-init", str(out / "impure"), "--impure-lr", "0", "--impure-finetune-steps", "0",
+        "--impure-architecture", "depth=5", "decoder_depth=3"])
+    runpy.run_path(str(RECIPE), run_name="__main__")
+    saved, grown = (IMPurify.from_pretrained(d / "impure", seed=0) for d in (out, deeper))
+    assert (grown.network.config.depth, grown.network.config.decoder_depth) == (5, 3)
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(grown(images), saved(images))
