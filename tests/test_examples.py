@@ -92,7 +92,6 @@ def test_ddpm_recipe_options(tmp_path, monkeypatch):
     """--ddpm-widths/--ddpm-blocks change the architecture, --ddpm-seconds sets the horizon from the warm-up's speed,
     --ddpm-init starts from earlier weights (with lr 0 the export is exactly those weights)."""
     import safetensors.torch
-    import torch
 
     write_fake_fashion_mnist(tmp_path)
     common = ["train_fashion_mnist.py", "--data", str(tmp_path), "--classifier-steps", "2", "--heldout-steps", "2",
