@@ -86,8 +86,8 @@ class Row:
             on); the row's robust accuracy is the per-image minimum over them.
         view: the attacks' view (``"surrogate"``: the saliency paper's non-adaptive attack).
         baselines: the rows this row is compared with: the DiffPure rows of equal NFE and sampler (IMPurify, at
-            1 NFE: DiffPurify's 10-NFE rows, the comparison issue 18 asks for; DDIM: DDPM at equal NFE), and
-            for a setting variant also the shipped setting.
+            1 NFE: DiffPurify's 10-NFE rows, the comparison issue 18 asks for; DDIM: DDPM at equal NFE; the
+            100-step DDIM reference: its 10-step row), and for a setting variant also the shipped setting.
     """
 
     name: str
@@ -115,10 +115,11 @@ ROWS: tuple[Row, ...] = (
     Row("DiffPurify DDIM t*=0.2", "diffpure.fashion_mnist", {"t_star": 0.2, **_DDIM_10},
         baselines=("DiffPurify DDPM t*=0.2", "DiffPurify DDIM t*=0.1")),
     Row("DiffPurify DDIM t*=0.2, 100 steps", "diffpure.fashion_mnist",
-        {"t_star": 0.2, "steps": 100, "sampler": "ddim", **_FITS_MEMORY}),
+        {"t_star": 0.2, "steps": 100, "sampler": "ddim", **_FITS_MEMORY}, baselines=("DiffPurify DDIM t*=0.2",)),
     Row("SaliencyDiffPurify default", "saliency_diffpure.fashion_mnist", baselines=_DDIM_BASELINES),
     Row("SaliencyDiffPurify reference (spacing 2, U=3)", "saliency_diffpure.fashion_mnist",
-        {"spacing": 2, "resample_steps": 3, **_FITS_MEMORY}, baselines=("DiffPurify DDIM t*=0.2, 100 steps",)),
+        {"spacing": 2, "resample_steps": 3, **_FITS_MEMORY},
+        baselines=("DiffPurify DDIM t*=0.2, 100 steps", "SaliencyDiffPurify default")),
     Row("SaliencyDiffPurify top-k 15 %", "saliency_diffpure.fashion_mnist", {"mask": "topk", "fraction": 0.15},
         baselines=_DDIM_BASELINES),
     Row("SaliencyDiffPurify top-k 30 %", "saliency_diffpure.fashion_mnist", {"mask": "topk", "fraction": 0.3},
@@ -450,8 +451,9 @@ def markdown(study: dict) -> str:
              f"majority vote of {b['runs']} purifications; {study['machine']}. Accuracies in % with Wilson 95 % "
              "intervals; differences in points against the DiffPure row of equal NFE and sampler on the same images "
              "(IMPurify: against DiffPurify's 10-NFE rows; DDIM: against DDPM; DiffPure at t* = 0.2: against "
-             "t* = 0.1; IMPurify's noise variants also against the shipped IMPurify, SSNI on SaliencyDiffPurify also "
-             "against SaliencyDiffPurify): "
+             "t* = 0.1; the 100-step DDIM reference: against its 10-step row; IMPurify's noise variants also against "
+             "the shipped IMPurify, the SaliencyDiffPurify reference preset and SSNI on SaliencyDiffPurify also "
+             "against SaliencyDiffPurify's default): "
              "Newcombe's paired 95 % interval, exact McNemar p-value (images won/lost). Robust: the per-image "
              "minimum over the attacks listed (SSNI: and over its attacked versions, each also compared alone). "
              "s / image: seconds per image of one process, a row's attacked versions added up."]
