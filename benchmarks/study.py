@@ -85,9 +85,8 @@ class Row:
         attacked: purifier overrides per attacked version of the same defence (SSNI's ``score_grad`` off and
             on); the row's robust accuracy is the per-image minimum over them.
         view: the attacks' view (``"surrogate"``: the saliency paper's non-adaptive attack).
-        baselines: the rows this row is compared with: the DiffPure rows of equal NFE and sampler (IMPurify, at
-            1 NFE: DiffPurify's 10-NFE rows, the comparison issue 18 asks for; DDIM: DDPM at equal NFE; the
-            100-step DDIM reference: its 10-step row), and for a setting variant also the shipped setting.
+        baselines: the rows this row is compared with (the rules are stated once, in the header :func:`markdown`
+            writes above the tables).
     """
 
     name: str
